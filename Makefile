@@ -1,0 +1,25 @@
+# The two commands of the quick start: `make demo` and `make test`. Both create .venv on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-all bench install clean
+
+$(VENV)/.installed: pyproject.toml tools/install.sh tools/build_learn2learn.sh
+	bash tools/install.sh
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m metaray.platform.cli demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not gpu or gpu"
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,37 @@
+"""Hypergradient solvers. Pure PyTorch (torch.func / autograd); no Ray, no I/O.
+
+    >>> import metaray.solvers as S
+    >>> S.names()                      # registry names
+    >>> solver = S.make("maml", inner_steps=5, inner_lr=0.4)
+    >>> hg = solver.hypergrad(problem, x, task)   # HyperGrad(grad, outer_loss, inner_loss, metrics, state)
+
+Each solver family lives in its own module; importing this package registers them all.
+"""
+from .base import Solver, SolverOptions, get, make, names, option, register
+from .core import (
+    BilevelProblem,
+    HyperGrad,
+    NonFiniteError,
+    Params,
+    check_params,
+    check_same_keys,
+)
+from . import unrolled, maml  # noqa: F401  (registers rad, trad, fad, darts, maml, fomaml, reptile, metasgd)
+from .maml import metasgd_lrs
+
+__all__ = [
+    "BilevelProblem",
+    "HyperGrad",
+    "NonFiniteError",
+    "Params",
+    "Solver",
+    "SolverOptions",
+    "check_params",
+    "check_same_keys",
+    "get",
+    "make",
+    "metasgd_lrs",
+    "names",
+    "option",
+    "register",
+]

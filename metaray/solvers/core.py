@@ -1,0 +1,247 @@
+"""The functional bilevel core: params, problems, hypergradient results and small autograd helpers.
+
+A bilevel problem (survey 001 eq. 1):
+
+    min_x  F(x, y*(x))    s.t.   y*(x) ∈ argmin_y f(x, y)
+
+`x` are the outer params, `y` the inner params of one task, both ``dict[str, Tensor]``. A solver turns
+(problem, x, task) into the hypergradient dF(x, y*(x))/dx. Nothing here mutates an ``nn.Module``: problems
+call their models with ``torch.func.functional_call``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+
+class NonFiniteError(ValueError):
+    """A loss or hypergradient that is NaN or infinite. Carries where it happened so callers can report it."""
+
+    def __init__(self, message: str, *, where: str = "", task: Any = None):
+        super().__init__(message)
+        self.where = where
+        self.task = task
+
+
+class BilevelProblem:
+    """One family of bilevel instances. Subclasses implement the three required methods.
+
+    - ``init_inner(x, task) -> y0``: the inner starting point (MAML: a copy of x; meta-features: a fresh head;
+      HPO: model weights). It may depend on x differentiably; solvers follow that dependence where their
+      method does.
+    - ``inner_loss(x, y, task) -> scalar``: the lower level f(x, y), usually on the support / training data.
+    - ``outer_loss(x, y, task) -> scalar``: the upper level F(x, y), usually on the query / validation data.
+    - ``metrics(x, y, task) -> dict[str, float]`` (optional): extra numbers such as query accuracy.
+    - ``project_inner(x, y) -> y`` (optional): projection onto a constrained lower-level feasible set,
+      applied after every inner step (must be differentiable where the solver differentiates through it).
+
+    Solvers treat ``task`` as opaque: only the problem reads it.
+    """
+
+    def init_inner(self, x: Params, task: Any) -> Params:
+        raise NotImplementedError(f"{type(self).__name__} must define init_inner(x, task)")
+
+    def inner_loss(self, x: Params, y: Params, task: Any) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define inner_loss(x, y, task)")
+
+    def outer_loss(self, x: Params, y: Params, task: Any) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define outer_loss(x, y, task)")
+
+    def metrics(self, x: Params, y: Params, task: Any) -> dict[str, float]:
+        return {}
+
+    def project_inner(self, x: Params, y: Params) -> Params:
+        return y
+
+
+_REQUIRED = ("init_inner", "inner_loss", "outer_loss")
+
+
+def check_problem(problem: Any) -> None:
+    """Duck-typed problems are fine; they need the three required callables."""
+    missing = [m for m in _REQUIRED if not callable(getattr(problem, m, None))]
+    if missing:
+        raise TypeError(
+            f"problem {type(problem).__name__} is not a BilevelProblem: missing {', '.join(missing)} "
+            f"(required: {', '.join(_REQUIRED)}; optional: metrics, project_inner)"
+        )
+    if isinstance(problem, BilevelProblem):
+        unimplemented = [m for m in _REQUIRED if getattr(type(problem), m) is getattr(BilevelProblem, m)]
+        if unimplemented:
+            raise TypeError(f"problem {type(problem).__name__} does not implement {', '.join(unimplemented)}")
+
+
+@dataclass
+class HyperGrad:
+    """One task's hypergradient and what came with it.
+
+    grad:       dF/dx, same keys as x (zeros for outer params the losses do not use)
+    outer_loss: F(x, y_T) at the inner solution the solver reached
+    inner_loss: f(x, y_T)
+    metrics:    problem metrics plus solver diagnostics (residuals, convergence flags, ...)
+    state:      what a stateful solver carries to the next outer step for this task, else None
+    """
+
+    grad: Params
+    outer_loss: float
+    inner_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    state: Any = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation of params
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_params(params: Any, what: str) -> Params:
+    """Params must be a non-empty dict of str -> floating tensors."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{what} must be a dict[str, Tensor], got {type(params).__name__}")
+    if not params:
+        raise ValueError(f"{what} is empty: a bilevel problem needs at least one {what.split()[0]} parameter")
+    for k, v in params.items():
+        if not isinstance(k, str):
+            raise TypeError(f"{what} keys must be str, got {k!r} ({type(k).__name__})")
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{what}[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise TypeError(f"{what}[{k!r}] must be a floating-point tensor, got dtype {v.dtype}")
+    return dict(params)
+
+
+def check_same_keys(a: Params, b: Params, what_a: str, what_b: str) -> None:
+    if a.keys() != b.keys():
+        missing = sorted(set(a) - set(b))
+        extra = sorted(set(b) - set(a))
+        raise ValueError(
+            f"{what_b} must have the same keys as {what_a}: missing {missing}, unexpected {extra}"
+        )
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise ValueError(f"{what_b}[{k!r}] has shape {tuple(b[k].shape)}, {what_a}[{k!r}] has {tuple(a[k].shape)}")
+
+
+def check_finite(value: Tensor, what: str, task: Any = None) -> float:
+    """Returns the float value of a scalar loss, raising NonFiniteError if it is NaN/Inf."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{what} must return a scalar torch.Tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{what} must return a scalar, got a tensor of shape {tuple(value.shape)}")
+    v = float(value.detach())
+    if not math.isfinite(v):
+        raise NonFiniteError(f"{what} is not finite ({v})", where=what, task=task)
+    return v
+
+
+def check_grad_finite(grad: Params, what: str, task: Any = None) -> None:
+    bad = [k for k, g in grad.items() if not bool(torch.isfinite(g).all())]
+    if bad:
+        raise NonFiniteError(f"{what} has non-finite entries in {bad}", where=what, task=task)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd helpers (dict-of-tensors versions of torch.autograd.grad)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def leaves(params: Params) -> Params:
+    """Fresh leaf tensors that require grad: the differentiation variables of one hypergradient."""
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+def detached(params: Params) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def grad_dict(
+    output: Tensor,
+    wrt: Params,
+    *,
+    create_graph: bool = False,
+    grad_output: Tensor | None = None,
+    retain_graph: bool | None = None,
+) -> Params:
+    """d output / d wrt as a dict. Inputs the output does not depend on get zeros, never None.
+
+    Tensors in ``wrt`` that do not require grad (constants) also get zeros.
+    """
+    keys = [k for k, v in wrt.items() if v.requires_grad]
+    out: Params = {}
+    if keys and output.requires_grad:
+        grads = torch.autograd.grad(
+            output,
+            [wrt[k] for k in keys],
+            grad_outputs=grad_output,
+            create_graph=create_graph,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        out = {k: g for k, g in zip(keys, grads) if g is not None}
+    return {k: out[k] if k in out else torch.zeros_like(v) for k, v in wrt.items()}
+
+
+def vjp_dict(
+    outputs: Params, wrt: Params, cotangents: Params, *, create_graph: bool = False, retain_graph: bool | None = None
+) -> Params:
+    """Σ_k <cotangent_k, d outputs_k / d wrt>, as a dict over wrt. Unused inputs get zeros."""
+    pairs = [(outputs[k], cotangents[k]) for k in outputs if outputs[k].requires_grad]
+    keys = [k for k, v in wrt.items() if v.requires_grad]
+    out: Params = {}
+    if pairs and keys:
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [wrt[k] for k in keys],
+            grad_outputs=[c for _, c in pairs],
+            create_graph=create_graph,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        out = {k: g for k, g in zip(keys, grads) if g is not None}
+    return {k: out[k] if k in out else torch.zeros_like(v) for k, v in wrt.items()}
+
+
+# Small tree arithmetic on Params, so solver code reads like the equations.
+
+
+def tmap(fn: Callable[..., Tensor], *trees: Params) -> Params:
+    return {k: fn(*(t[k] for t in trees)) for k in trees[0]}
+
+
+def tadd(a: Params, b: Params, alpha: float | Tensor = 1.0) -> Params:
+    return {k: a[k] + alpha * b[k] for k in a}
+
+
+def tscale(a: Params, s: float | Tensor) -> Params:
+    return {k: s * v for k, v in a.items()}
+
+
+def tdot(a: Params, b: Params) -> Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
+
+
+def tnorm(a: Params) -> Tensor:
+    return torch.sqrt(tdot(a, a))
+
+
+def tzeros_like(a: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def flatten(params: Params) -> Tensor:
+    return torch.cat([v.reshape(-1) for v in params.values()]) if params else torch.zeros(0)
+
+
+def unflatten(vec: Tensor, like: Params) -> Params:
+    out, i = {}, 0
+    for k, v in like.items():
+        n = v.numel()
+        out[k] = vec[i : i + n].view_as(v)
+        i += n
+    return out

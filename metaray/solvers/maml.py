@@ -1,0 +1,145 @@
+"""Initialization-based hypergradients: MAML, first-order MAML, Reptile and Meta-SGD.
+
+Survey 001 section 5.2 (eqs. 24-28). The outer params contain an initialization, y_0 = Ψ_0(x) =
+init_inner(x, task), and the inner loop adapts it to the task's support set:
+
+    y_T = Ψ_0(x) − Σ_t s ∇_y f(y_{t-1})                                  (eq. 25)
+
+- MAML differentiates F(y_T) through the whole adaptation, Hessians included (eq. 26).
+- FOMAML drops the Hessians: dF/dx ≈ ∂F/∂x + (∂Ψ_0/∂x)ᵀ ∂F/∂y_T        (eq. 27)
+- Reptile replaces ∂F/∂y_T by the displacement: g = (∂Ψ_0/∂x)ᵀ (y_0 − y_T)
+- Meta-SGD learns a per-parameter step size ω: y_t = y_{t-1} − ω ⊙ ∇_y f(y_{t-1})   (eq. 28, P = diag ω)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import Solver, SolverOptions, nonnegative, option, positive, register
+from .core import Params, check_finite, detached, grad_dict, leaves, tadd, vjp_dict
+from .unrolled import finish, gd_step, reverse_hypergrad, unroll
+
+
+@dataclass(frozen=True)
+class MAMLOptions(SolverOptions):
+    inner_steps: int = option(1, "adaptation steps T on the support set", nonnegative)
+    inner_lr: float = option(0.1, "adaptation step size s", positive)
+
+
+@register
+class MAML(Solver):
+    """Second-order MAML (Finn et al. 2017): the exact gradient of F(x, y_T(x)) through the adaptation.
+
+    Computationally this is reverse-mode AD through the inner loop (``rad``); MAML is the special case where
+    the inner loop starts at the outer params. Kept as its own name with MAML's conventional defaults.
+    """
+
+    name = "maml"
+    Options = MAMLOptions
+    paper = "Finn, Abbeel, Levine 2017, Model-agnostic meta-learning (survey 001 eqs. 24-26)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        grad, y = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr)
+        return finish(problem, x, y, task, grad)
+
+
+def first_order_adaptation(problem, x: Params, task: Any, steps: int, lr: float) -> tuple[Params, Params, Params]:
+    """Runs the adaptation without a second-order graph. Returns (x as leaves, y_0 = Ψ_0(x) with its graph, y_T)."""
+    x = leaves(x)
+    y0 = problem.init_inner(x, task)
+    y_T = unroll(problem, x, detached(y0), task, steps, lr, create_graph=False)
+    return x, y0, y_T
+
+
+@register
+class FOMAML(Solver):
+    """First-order MAML (survey 001 eq. 27): dF/dx ≈ ∂F(x, y_T)/∂x + (∂Ψ_0/∂x)ᵀ ∂F(x, y_T)/∂y_T."""
+
+    name = "fomaml"
+    Options = MAMLOptions
+    paper = "Finn, Abbeel, Levine 2017 (first-order approximation; survey 001 eq. 27)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        x, y0, y_T = first_order_adaptation(problem, x, task, o.inner_steps, o.inner_lr)
+        y_T = leaves(y_T)
+        outer = problem.outer_loss(x, y_T, task)
+        check_finite(outer, "outer_loss", task)
+        g_x = grad_dict(outer, x, retain_graph=True)
+        g_y = grad_dict(outer, y_T)
+        grad = tadd(g_x, vjp_dict(y0, x, g_y))
+        return finish(problem, x, y_T, task, grad)
+
+
+@dataclass(frozen=True)
+class ReptileOptions(MAMLOptions):
+    inner_steps: int = option(5, "adaptation steps T (Reptile needs T > 1 to differ from joint training)", positive)
+    normalize: bool = option(
+        False, "divide the displacement by s·T so the step is on the scale of a gradient (then outer lr ≈ s)"
+    )
+
+
+@register
+class Reptile(Solver):
+    """Reptile (Nichol et al. 2018): g = (∂Ψ_0/∂x)ᵀ (y_0 − y_T), the negative displacement of adaptation.
+
+    With an outer SGD step of size ε this is Reptile's x ← x + ε (y_T − x).
+    """
+
+    name = "reptile"
+    Options = ReptileOptions
+    paper = "Nichol, Achiam, Schulman 2018, On first-order meta-learning algorithms (survey 001 §5.2)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        x, y0, y_T = first_order_adaptation(problem, x, task, o.inner_steps, o.inner_lr)
+        scale = 1.0 / (o.inner_lr * o.inner_steps) if o.normalize else 1.0
+        displacement = {k: scale * (y0[k].detach() - y_T[k]) for k in y0}
+        return finish(problem, x, y_T, task, vjp_dict(y0, x, displacement))
+
+
+@dataclass(frozen=True)
+class MetaSGDOptions(MAMLOptions):
+    lr_prefix: str = option("lr.", "x holds the step size of inner param k under key lr_prefix + k")
+
+
+def metasgd_lrs(inner_params: Params, value: float, prefix: str = "lr.") -> Params:
+    """Initial per-parameter step sizes for Meta-SGD: add these to the outer params."""
+    return {prefix + k: torch.full_like(v.detach(), float(value)) for k, v in inner_params.items()}
+
+
+@register
+class MetaSGD(Solver):
+    """Meta-SGD (Li et al. 2017): learns the init and a per-parameter step size ω together.
+
+        y_t = y_{t-1} − ω ⊙ ∇_y f(y_{t-1}),    x = (init, ω),    dF/dx by reverse mode through the adaptation.
+
+    ``inner_lr`` is the value ``metasgd_lrs`` uses to initialize ω; the learned ω is read from x.
+    """
+
+    name = "metasgd"
+    Options = MetaSGDOptions
+    paper = "Li, Zhou, Chen, Li 2017, Meta-SGD (survey 001 eq. 28)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        x = leaves(x)
+        y = problem.init_inner(x, task)
+        missing = [o.lr_prefix + k for k in y if o.lr_prefix + k not in x]
+        if missing:
+            raise ValueError(
+                f"metasgd needs a learned step size in x for every inner param; missing {missing}. "
+                f"Add them with metaray.solvers.metasgd_lrs(y0, {o.inner_lr}, prefix={o.lr_prefix!r})"
+            )
+        lrs = {k: x[o.lr_prefix + k] for k in y}
+        for k in y:
+            if lrs[k].shape != y[k].shape:
+                raise ValueError(f"x[{o.lr_prefix + k!r}] has shape {tuple(lrs[k].shape)}, inner param {k!r} has {tuple(y[k].shape)}")
+        for t in range(o.inner_steps):
+            y = gd_step(problem, x, y, task, lrs, create_graph=True, step=t)
+        outer = problem.outer_loss(x, y, task)
+        check_finite(outer, "outer_loss", task)
+        return finish(problem, x, y, task, grad_dict(outer, x))

@@ -1,0 +1,238 @@
+"""Explicit (recurrence-based) hypergradients: RAD, TRAD, FAD and the one-step DARTS approximation.
+
+Survey 001 section 5.1. The inner dynamics are T steps of gradient descent (eq. 11):
+
+    y_0 = Ψ_0(x) = init_inner(x),      y_t = Ψ_t(y_{t-1}; x) = y_{t-1} − s ∇_y f(x, y_{t-1})
+
+and the hypergradient of φ_T(x) = F(x, y_T(x)) is (eqs. 15-17)
+
+    dφ_T/dx = ∂F/∂x + Z_Tᵀ ∂F/∂y_T,    Z_t = A_t Z_{t-1} + B_t,   A_t = ∂Ψ_t/∂y_{t-1},  B_t = ∂Ψ_t/∂x.
+
+RAD evaluates it backwards through the stored trajectory, FAD forwards (one JVP per outer coordinate),
+TRAD keeps only the last M steps (eq. 20), DARTS one step with a finite-difference Hessian (eqs. 21-23).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Solver, SolverOptions, nonnegative, option, positive, register
+from .core import (
+    BilevelProblem,
+    HyperGrad,
+    Params,
+    check_finite,
+    check_grad_finite,
+    detached,
+    flatten,
+    grad_dict,
+    leaves,
+    tadd,
+    tnorm,
+    unflatten,
+)
+
+
+def gd_step(
+    problem: BilevelProblem,
+    x: Params,
+    y: Params,
+    task: Any,
+    lr: float | Params,
+    *,
+    create_graph: bool,
+    step: int = 0,
+) -> Params:
+    """One inner step y − lr ⊙ ∇_y f(x, y), then the problem's projection.
+
+    With ``create_graph`` the step stays differentiable in (x, y); without it the result is detached.
+    ``lr`` is a float or, for Meta-SGD, a dict of per-parameter step sizes.
+    """
+    y = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in y.items()}
+    loss = problem.inner_loss(x, y, task)
+    check_finite(loss, f"inner_loss at inner step {step}", task)
+    g = grad_dict(loss, y, create_graph=create_graph)
+    if isinstance(lr, dict):
+        y_next = {k: y[k] - lr[k] * g[k] for k in y}
+    else:
+        y_next = {k: y[k] - lr * g[k] for k in y}
+    if not create_graph:
+        y_next = detached(y_next)
+    return problem.project_inner(x, y_next)
+
+
+def unroll(
+    problem: BilevelProblem, x: Params, y: Params, task: Any, steps: int, lr: float | Params, *, create_graph: bool
+) -> Params:
+    for t in range(steps):
+        y = gd_step(problem, x, y, task, lr, create_graph=create_graph, step=t)
+    return y
+
+
+def finish(problem: BilevelProblem, x: Params, y: Params, task: Any, grad: Params, metrics: dict | None = None, state: Any = None) -> HyperGrad:
+    """Packages a hypergradient: checks it is finite, evaluates both losses and the problem's metrics at y."""
+    check_grad_finite(grad, "hypergradient", task)
+    with torch.no_grad():
+        xd, yd = detached(x), detached(y)
+        outer = check_finite(problem.outer_loss(xd, yd, task), "outer_loss", task)
+        inner = check_finite(problem.inner_loss(xd, yd, task), "inner_loss", task)
+    m = dict(problem.metrics(xd, yd, task) or {})
+    m.update(metrics or {})
+    return HyperGrad(grad=detached(grad), outer_loss=outer, inner_loss=inner, metrics=m, state=state)
+
+
+def reverse_hypergrad(
+    problem: BilevelProblem, x: Params, task: Any, steps: int, lr: float, truncate: int | None = None
+) -> tuple[Params, Params]:
+    """Reverse-mode hypergradient through the last ``truncate`` of ``steps`` inner steps (all when None).
+
+    Returns (dF/dx, y_T). Steps before the truncation window run without a graph, so y_{T-M} is a constant:
+    that is exactly the partial sum of eq. 20 (the B_t of earlier steps and of Ψ_0 are dropped).
+    """
+    x = leaves(x)
+    window = steps if truncate is None else min(truncate, steps)
+    y = problem.init_inner(x, task)
+    if window < steps:
+        y = unroll(problem, x, detached(y), task, steps - window, lr, create_graph=False)
+    y = unroll(problem, x, y, task, window, lr, create_graph=True)
+    outer = problem.outer_loss(x, y, task)
+    check_finite(outer, "outer_loss", task)
+    return grad_dict(outer, x), y
+
+
+@dataclass(frozen=True)
+class RADOptions(SolverOptions):
+    pass
+
+
+@register
+class RAD(Solver):
+    """Reverse-mode AD through all T inner steps (survey 001 Alg. 3; Franceschi et al. 2017).
+
+    Exact gradient of φ_T(x) = F(x, y_T(x)); memory grows linearly with T.
+    """
+
+    name = "rad"
+    Options = RADOptions
+    paper = "Franceschi et al. 2017, Forward and reverse gradient-based hyperparameter optimization (survey 001 §5.1)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        grad, y = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr)
+        return finish(problem, x, y, task, grad)
+
+
+@dataclass(frozen=True)
+class TRADOptions(SolverOptions):
+    truncate: int = option(1, "back-propagate through only the last M inner steps (M = T equals rad)", positive)
+
+
+@register
+class TRAD(Solver):
+    """Truncated RAD: back-propagation through the last M of T steps only (survey 001 eq. 20; Shaban et al. 2019)."""
+
+    name = "trad"
+    Options = TRADOptions
+    paper = "Shaban et al. 2019, Truncated back-propagation for bilevel optimization (survey 001 eq. 20)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        grad, y = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr, truncate=o.truncate)
+        return finish(problem, x, y, task, grad, {"truncate": float(min(o.truncate, o.inner_steps))})
+
+
+@dataclass(frozen=True)
+class FADOptions(SolverOptions):
+    max_outer_dim: int = option(
+        10_000, "refuse outer params with more scalars than this (FAD costs one forward pass per scalar)", positive
+    )
+
+
+@register
+class FAD(Solver):
+    """Forward-mode AD (survey 001 Alg. 2): Z_t = A_t Z_{t-1} + B_t carried forward with the inner steps.
+
+    One ``torch.func.jvp`` per outer coordinate, so cost is O(dim x · T) forward passes and memory does not
+    grow with T. Use it for low-dimensional outer variables (hyperparameters).
+    """
+
+    name = "fad"
+    Options = FADOptions
+    paper = "Franceschi et al. 2017, Forward and reverse gradient-based hyperparameter optimization (survey 001 Alg. 2)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        x = detached(x)
+        n = sum(v.numel() for v in x.values())
+        if n > o.max_outer_dim:
+            raise ValueError(
+                f"fad needs one forward pass per outer scalar and x has {n} > max_outer_dim={o.max_outer_dim}; "
+                "use rad for high-dimensional outer params, or raise max_outer_dim"
+            )
+
+        def inner_grad(xx: Params, yy: Params) -> Params:
+            return torch.func.grad(lambda y_: problem.inner_loss(xx, y_, task))(yy)
+
+        def phi(xx: Params) -> Tensor:
+            y = problem.init_inner(xx, task)
+            for _ in range(o.inner_steps):
+                g = inner_grad(xx, y)
+                y = problem.project_inner(xx, tadd(y, g, -o.inner_lr))
+            return problem.outer_loss(xx, y, task)
+
+        flat = flatten(x)
+        grad_flat = torch.zeros_like(flat)
+        for i in range(n):
+            e = torch.zeros_like(flat)
+            e[i] = 1.0
+            _, d = torch.func.jvp(phi, (x,), (unflatten(e, x),))
+            grad_flat[i] = d
+        # y_T for the reported losses and metrics (one more forward pass, without tangents).
+        y = unroll(problem, x, detached(problem.init_inner(x, task)), task, o.inner_steps, o.inner_lr, create_graph=False)
+        return finish(problem, x, y, task, unflatten(grad_flat, x))
+
+
+@dataclass(frozen=True)
+class DARTSOptions(SolverOptions):
+    inner_steps: int = option(1, "inner steps T: T-1 plain warm-up steps, then the one differentiated step", positive)
+    fd_eps: float = option(0.01, "finite-difference radius ε = fd_eps / ‖∇_y F‖ (DARTS uses 0.01)", positive)
+
+
+@register
+class DARTS(Solver):
+    """One-step unrolled hypergradient with a central finite-difference Hessian (survey 001 eqs. 21-23; DARTS).
+
+    With y the inner params after T-1 plain steps (treated as constant in x, as DARTS treats its weights) and
+    y₁ = y − s ∇_y f(x, y):
+
+        dF/dx ≈ ∇_x F(x, y₁) − s · [∇_x f(x, y⁺) − ∇_x f(x, y⁻)] / (2ε),   y^± = y ± ε ∇_y F(x, y₁)
+
+    The bracket approximates ∇²_xy f(x, y) ∇_y F(x, y₁) to O(ε²); exact when f is quadratic.
+    """
+
+    name = "darts"
+    Options = DARTSOptions
+    paper = "Liu, Simonyan, Yang 2019, DARTS (survey 001 eqs. 21-23)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        x = leaves(x)
+        y = unroll(problem, x, detached(problem.init_inner(x, task)), task, o.inner_steps - 1, o.inner_lr, create_graph=False)
+        y1 = leaves(gd_step(problem, x, y, task, o.inner_lr, create_graph=False))
+        outer = problem.outer_loss(x, y1, task)
+        check_finite(outer, "outer_loss", task)
+        gx, gy = grad_dict(outer, x, retain_graph=True), grad_dict(outer, y1)
+        eps = o.fd_eps / max(float(tnorm(gy)), 1e-12)
+
+        def grad_x_inner(yy: Params) -> Params:
+            loss = problem.inner_loss(x, yy, task)
+            check_finite(loss, "inner_loss (finite difference)", task)
+            return grad_dict(loss, x)
+
+        g_plus = grad_x_inner(tadd(y, gy, eps))
+        g_minus = grad_x_inner(tadd(y, gy, -eps))
+        grad = {k: gx[k] - o.inner_lr * (g_plus[k] - g_minus[k]) / (2 * eps) for k in x}
+        return finish(problem, x, y1, task, grad, {"fd_eps": eps})

@@ -1,0 +1,69 @@
+"""Bilevel problems over an ``nn.Module``: the MAML-family setting where the outer params are the model's
+initialization and each task adapts a copy of it on its support set."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor, nn
+
+from ..solvers.core import BilevelProblem, Params
+from .episodes import Episode
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mse": Fn.mse_loss,
+    "cross_entropy": Fn.cross_entropy,
+}
+
+
+def _check_no_running_stats(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            raise ValueError(
+                f"module {name!r} is a BatchNorm with track_running_stats=True: it would update its running "
+                "statistics in place during every inner step. Build it with track_running_stats=False."
+            )
+
+
+class ModelProblem(BilevelProblem):
+    """Meta-initialization of a model (MAML, FOMAML, Reptile, Meta-SGD, and rad/trad on the same setting).
+
+    outer x = model params (``initial_params()``), y_0 = x restricted to the model's keys, f = loss on the
+    support set, F = loss on the query set. Extra outer keys (e.g. Meta-SGD's ``lr.*``) are ignored here.
+    """
+
+    def __init__(self, model: nn.Module, loss: str = "cross_entropy"):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid: {sorted(LOSSES)}")
+        _check_no_running_stats(model)
+        self.model = model
+        self.loss_name = loss
+        self.loss = LOSSES[loss]
+        self.param_names = [k for k, _ in model.named_parameters()]
+        self.buffers = dict(model.named_buffers())
+
+    def initial_params(self) -> Params:
+        return {k: v.detach().clone() for k, v in self.model.named_parameters()}
+
+    def forward(self, params: Params, inputs: Tensor) -> Tensor:
+        return torch.func.functional_call(self.model, (params, self.buffers), (inputs,))
+
+    def init_inner(self, x: Params, task: Episode) -> Params:
+        missing = [k for k in self.param_names if k not in x]
+        if missing:
+            raise ValueError(f"outer params are missing model params {missing}")
+        return {k: x[k] for k in self.param_names}
+
+    def inner_loss(self, x: Params, y: Params, task: Episode) -> Tensor:
+        return self.loss(self.forward(y, task.support_x), task.support_y)
+
+    def outer_loss(self, x: Params, y: Params, task: Episode) -> Tensor:
+        return self.loss(self.forward(y, task.query_x), task.query_y)
+
+    def metrics(self, x: Params, y: Params, task: Episode) -> dict[str, float]:
+        if self.loss_name != "cross_entropy":
+            return {}
+        with torch.no_grad():
+            pred = self.forward(y, task.query_x).argmax(-1)
+        return {"accuracy": float((pred == task.query_y).float().mean())}
