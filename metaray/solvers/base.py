@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
+import torch
+
 from .core import BilevelProblem, HyperGrad, Params, check_params, check_problem
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,6 +155,25 @@ class Solver:
         if len(states) != len(tasks):
             raise ValueError(f"got {len(tasks)} tasks but {len(states)} states")
         return [self.hypergrad(problem, x, t, s) for t, s in zip(tasks, states)]
+
+    def evaluate(self, problem: BilevelProblem, x: Params, task: Any, state: Any = None) -> HyperGrad:
+        """Adapt to one task without differentiating (meta-validation / meta-test): the losses and metrics at
+        the inner solution this solver reaches, with zero ``grad``. The default runs ``inner_steps`` plain
+        gradient steps from ``init_inner``; solvers with other inner dynamics override ``_adapt``.
+        """
+        check_problem(problem)
+        x = check_params(x, "outer params x")
+        from .unrolled import finish  # local import: unrolled builds on this module
+
+        with torch.enable_grad():
+            y = self._adapt(problem, {k: v.detach() for k, v in x.items()}, task, state)
+        return finish(problem, x, y, task, {k: torch.zeros_like(v) for k, v in x.items()})
+
+    def _adapt(self, problem: BilevelProblem, x: Params, task: Any, state: Any) -> Params:
+        from .unrolled import unroll
+
+        y0 = {k: v.detach() for k, v in problem.init_inner(x, task).items()}
+        return unroll(problem, x, y0, task, self.options.inner_steps, self.options.inner_lr, create_graph=False)
 
     def _hypergrad(self, problem: BilevelProblem, x: Params, task: Any, state: Any) -> HyperGrad:
         raise NotImplementedError

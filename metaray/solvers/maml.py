@@ -127,7 +127,17 @@ class MetaSGD(Solver):
     def _hypergrad(self, problem, x, task, state):
         o = self.options
         x = leaves(x)
-        y = problem.init_inner(x, task)
+        y = self._unroll(problem, x, task, problem.init_inner(x, task), create_graph=True)
+        outer = problem.outer_loss(x, y, task)
+        check_finite(outer, "outer_loss", task)
+        return finish(problem, x, y, task, grad_dict(outer, x))
+
+    def _adapt(self, problem, x, task, state):
+        return self._unroll(problem, x, task, detached(problem.init_inner(x, task)), create_graph=False)
+
+    def _unroll(self, problem, x: Params, task: Any, y: Params, *, create_graph: bool) -> Params:
+        """T steps of y ← y − ω ⊙ ∇_y f(y), with ω read from x."""
+        o = self.options
         missing = [o.lr_prefix + k for k in y if o.lr_prefix + k not in x]
         if missing:
             raise ValueError(
@@ -139,7 +149,5 @@ class MetaSGD(Solver):
             if lrs[k].shape != y[k].shape:
                 raise ValueError(f"x[{o.lr_prefix + k!r}] has shape {tuple(lrs[k].shape)}, inner param {k!r} has {tuple(y[k].shape)}")
         for t in range(o.inner_steps):
-            y = gd_step(problem, x, y, task, lrs, create_graph=True, step=t)
-        outer = problem.outer_loss(x, y, task)
-        check_finite(outer, "outer_loss", task)
-        return finish(problem, x, y, task, grad_dict(outer, x))
+            y = gd_step(problem, x, y, task, lrs, create_graph=create_graph, step=t)
+        return y

@@ -5,8 +5,22 @@ from .models import Conv4, mlp
 from .problems import ModelProblem
 from .sinusoid import SinusoidSource
 from .synthetic import QuadraticProblem, QuadraticTask, quadratic_task
+from .optimizees import (
+    ClassifierOptimizee,
+    ClassifierOptimizeeProblem,
+    QuadraticOptimizee,
+    QuadraticOptimizeeProblem,
+    RandomQuadratics,
+    SyntheticClassification,
+)
 
 __all__ = [
+    "ClassifierOptimizee",
+    "ClassifierOptimizeeProblem",
+    "QuadraticOptimizee",
+    "QuadraticOptimizeeProblem",
+    "RandomQuadratics",
+    "SyntheticClassification",
     "SPLITS",
     "Conv4",
     "Episode",
