@@ -95,6 +95,20 @@ class HyperGrad:
     state: Any = None
 
 
+def outer_eval(problem: Any, x: Params, y: Params, task: Any) -> tuple[Tensor, dict[str, float]]:
+    """F(x, y) (with its graph) and the problem's metrics, from one evaluation where the problem offers
+    ``outer_loss_and_metrics`` (a model problem computes query logits once for both), else two calls."""
+    joint = getattr(problem, "outer_loss_and_metrics", None)
+    if joint is not None:
+        loss, metrics = joint(x, y, task)
+    else:
+        loss = problem.outer_loss(x, y, task)
+        with torch.no_grad():
+            metrics = problem.metrics(detached(x), detached(y), task) if hasattr(problem, "metrics") else {}
+    check_finite(loss, "outer_loss", task)
+    return loss, dict(metrics or {})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Validation of params
 # ----------------------------------------------------------------------------------------------------------

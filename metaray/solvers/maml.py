@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import Solver, SolverOptions, nonnegative, option, positive, register
-from .core import Params, check_finite, detached, grad_dict, leaves, tadd, vjp_dict
+from .core import Params, detached, grad_dict, leaves, outer_eval, tadd, vjp_dict
 from .unrolled import finish, gd_step, reverse_hypergrad, unroll
 
 
@@ -42,8 +42,8 @@ class MAML(Solver):
 
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        grad, y = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr)
-        return finish(problem, x, y, task, grad)
+        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr)
+        return finish(problem, x, y, task, grad, outer=outer)
 
 
 def first_order_adaptation(problem, x: Params, task: Any, steps: int, lr: float) -> tuple[Params, Params, Params]:
@@ -66,12 +66,11 @@ class FOMAML(Solver):
         o = self.options
         x, y0, y_T = first_order_adaptation(problem, x, task, o.inner_steps, o.inner_lr)
         y_T = leaves(y_T)
-        outer = problem.outer_loss(x, y_T, task)
-        check_finite(outer, "outer_loss", task)
-        g_x = grad_dict(outer, x, retain_graph=True)
-        g_y = grad_dict(outer, y_T)
+        outer = outer_eval(problem, x, y_T, task)
+        g_x = grad_dict(outer[0], x, retain_graph=True)
+        g_y = grad_dict(outer[0], y_T)
         grad = tadd(g_x, vjp_dict(y0, x, g_y))
-        return finish(problem, x, y_T, task, grad)
+        return finish(problem, x, y_T, task, grad, outer=outer)
 
 
 @dataclass(frozen=True)
@@ -128,9 +127,8 @@ class MetaSGD(Solver):
         o = self.options
         x = leaves(x)
         y = self._unroll(problem, x, task, problem.init_inner(x, task), create_graph=True)
-        outer = problem.outer_loss(x, y, task)
-        check_finite(outer, "outer_loss", task)
-        return finish(problem, x, y, task, grad_dict(outer, x))
+        outer = outer_eval(problem, x, y, task)
+        return finish(problem, x, y, task, grad_dict(outer[0], x), outer=outer)
 
     def _adapt(self, problem, x, task, state):
         return self._unroll(problem, x, task, detached(problem.init_inner(x, task)), create_graph=False)

@@ -30,6 +30,7 @@ from .core import (
     flatten,
     grad_dict,
     leaves,
+    outer_eval,
     tadd,
     tnorm,
     unflatten,
@@ -72,24 +73,39 @@ def unroll(
     return y
 
 
-def finish(problem: BilevelProblem, x: Params, y: Params, task: Any, grad: Params, metrics: dict | None = None, state: Any = None) -> HyperGrad:
-    """Packages a hypergradient: checks it is finite, evaluates both losses and the problem's metrics at y."""
+def finish(
+    problem: BilevelProblem,
+    x: Params,
+    y: Params,
+    task: Any,
+    grad: Params,
+    metrics: dict | None = None,
+    state: Any = None,
+    *,
+    outer: tuple[Tensor, dict] | None = None,
+) -> HyperGrad:
+    """Packages a hypergradient: checks it is finite, reports F and f at y and the problem's metrics.
+
+    ``outer`` is the (F, problem metrics) pair from ``outer_eval`` when the solver already computed it at y,
+    which saves a forward pass over the query set.
+    """
     check_grad_finite(grad, "hypergradient", task)
+    xd, yd = detached(x), detached(y)
     with torch.no_grad():
-        xd, yd = detached(x), detached(y)
-        outer = check_finite(problem.outer_loss(xd, yd, task), "outer_loss", task)
+        if outer is None:
+            outer = outer_eval(problem, xd, yd, task)
         inner = check_finite(problem.inner_loss(xd, yd, task), "inner_loss", task)
-    m = dict(problem.metrics(xd, yd, task) or {})
+    m = dict(outer[1])
     m.update(metrics or {})
-    return HyperGrad(grad=detached(grad), outer_loss=outer, inner_loss=inner, metrics=m, state=state)
+    return HyperGrad(grad=detached(grad), outer_loss=float(outer[0].detach()), inner_loss=inner, metrics=m, state=state)
 
 
 def reverse_hypergrad(
     problem: BilevelProblem, x: Params, task: Any, steps: int, lr: float, truncate: int | None = None
-) -> tuple[Params, Params]:
+) -> tuple[Params, Params, tuple[Tensor, dict]]:
     """Reverse-mode hypergradient through the last ``truncate`` of ``steps`` inner steps (all when None).
 
-    Returns (dF/dx, y_T). Steps before the truncation window run without a graph, so y_{T-M} is a constant:
+    Returns (dF/dx, y_T, (F, problem metrics) at y_T). Steps before the truncation window run without a graph, so y_{T-M} is a constant:
     that is exactly the partial sum of eq. 20 (the B_t of earlier steps and of Ψ_0 are dropped).
     """
     x = leaves(x)
@@ -98,9 +114,8 @@ def reverse_hypergrad(
     if window < steps:
         y = unroll(problem, x, detached(y), task, steps - window, lr, create_graph=False)
     y = unroll(problem, x, y, task, window, lr, create_graph=True)
-    outer = problem.outer_loss(x, y, task)
-    check_finite(outer, "outer_loss", task)
-    return grad_dict(outer, x), y
+    outer = outer_eval(problem, x, y, task)
+    return grad_dict(outer[0], x), y, outer
 
 
 @dataclass(frozen=True)
@@ -121,8 +136,8 @@ class RAD(Solver):
 
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        grad, y = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr)
-        return finish(problem, x, y, task, grad)
+        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr)
+        return finish(problem, x, y, task, grad, outer=outer)
 
 
 @dataclass(frozen=True)
@@ -140,8 +155,8 @@ class TRAD(Solver):
 
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        grad, y = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr, truncate=o.truncate)
-        return finish(problem, x, y, task, grad, {"truncate": float(min(o.truncate, o.inner_steps))})
+        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr, truncate=o.truncate)
+        return finish(problem, x, y, task, grad, {"truncate": float(min(o.truncate, o.inner_steps))}, outer=outer)
 
 
 @dataclass(frozen=True)
@@ -222,9 +237,8 @@ class DARTS(Solver):
         x = leaves(x)
         y = unroll(problem, x, detached(problem.init_inner(x, task)), task, o.inner_steps - 1, o.inner_lr, create_graph=False)
         y1 = leaves(gd_step(problem, x, y, task, o.inner_lr, create_graph=False))
-        outer = problem.outer_loss(x, y1, task)
-        check_finite(outer, "outer_loss", task)
-        gx, gy = grad_dict(outer, x, retain_graph=True), grad_dict(outer, y1)
+        outer = outer_eval(problem, x, y1, task)
+        gx, gy = grad_dict(outer[0], x, retain_graph=True), grad_dict(outer[0], y1)
         eps = o.fd_eps / max(float(tnorm(gy)), 1e-12)
 
         def grad_x_inner(yy: Params) -> Params:
@@ -235,4 +249,4 @@ class DARTS(Solver):
         g_plus = grad_x_inner(tadd(y, gy, eps))
         g_minus = grad_x_inner(tadd(y, gy, -eps))
         grad = {k: gx[k] - o.inner_lr * (g_plus[k] - g_minus[k]) / (2 * eps) for k in x}
-        return finish(problem, x, y1, task, grad, {"fd_eps": eps})
+        return finish(problem, x, y1, task, grad, {"fd_eps": eps}, outer=outer)

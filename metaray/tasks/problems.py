@@ -62,8 +62,13 @@ class ModelProblem(BilevelProblem):
         return self.loss(self.forward(y, task.query_x), task.query_y)
 
     def metrics(self, x: Params, y: Params, task: Episode) -> dict[str, float]:
-        if self.loss_name != "cross_entropy":
-            return {}
         with torch.no_grad():
-            pred = self.forward(y, task.query_x).argmax(-1)
-        return {"accuracy": float((pred == task.query_y).float().mean())}
+            return self.outer_loss_and_metrics(x, y, task)[1]
+
+    def outer_loss_and_metrics(self, x: Params, y: Params, task: Episode) -> tuple[Tensor, dict[str, float]]:
+        """Query loss and accuracy from one forward pass (solvers use this to avoid a second one)."""
+        out = self.forward(y, task.query_x)
+        loss = self.loss(out, task.query_y)
+        if self.loss_name != "cross_entropy":
+            return loss, {}
+        return loss, {"accuracy": float((out.detach().argmax(-1) == task.query_y).float().mean())}
