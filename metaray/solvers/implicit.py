@@ -1,0 +1,250 @@
+"""Implicit hypergradients: IFT by conjugate gradient (HOAG) or Neumann series, and iMAML.
+
+Survey 001 §6, Algorithm 4. If y*(x) is a strict local minimum of f(x, ·), differentiating the optimality
+condition ∇_y f(x, y*(x)) = 0 gives (eq. 31)
+
+    dF/dx = ∇_x F − ∇²_xy f · q,      ∇²_yy f · q = ∇_y F,          all at (x, y*)        (1)
+
+which needs only y*, not the path that found it. Metaray evaluates (1) at y_T, the result of ``inner_steps``
+gradient steps from ``init_inner(x)`` (or from the previous y_T with ``warm_start``), and solves the linear
+system matrix-free: Hessian-vector products and the mixed term ∇²_xy f · q are both vector-Jacobian
+products of ∇_y f (by symmetry of H, Hv is the VJP of ∇_y f with respect to y).
+
+- ``ift-cg`` solves the system by conjugate gradient (Pedregosa 2016, HOAG).
+- ``ift-neumann`` by the truncated Neumann series H⁻¹ ≈ α Σ_{j<K} (I − αH)^j (Lorraine et al. 2020;
+  survey 000 eq. 44).
+- ``imaml`` (Rajeswaran et al. 2019; survey 000 eqs. 39-43) applies (1) to the proximal inner problem
+
+      y*(x) = argmin_y  f(x, y) + λ/2 ‖y − Ψ₀(x)‖²,      Ψ₀ = init_inner (the meta-initialization),
+
+  whose Hessian is H + λI and whose mixed term is ∇²_xy f − λ ∂Ψ₀/∂x. With q = (H + λI)⁻¹ ∇_y F,
+
+      dF/dx = ∇_x F − ∇²_xy f · q + (∂Ψ₀/∂x)ᵀ (I + H/λ)⁻¹ ∇_y F,
+
+  which is iMAML's (I + H/λ)⁻¹ ∇_y F (eq. 42) when x is only the initialization (CG's iterates on
+  H + λI and on I + H/λ are the same up to the factor λ, so solving either is the same computation).
+
+The linear solvers and their diagnostics are in ``linsolve``; residual, steps, ``converged`` and
+``indefinite`` (a direction of non-positive curvature was met) go into ``HyperGrad.metrics``. Inner params
+the lower level does not depend on are left out of the system (their y* is not determined by f, and they do
+not move under the inner steps), so they contribute nothing instead of making H singular.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .base import Solver, SolverOptions, nonnegative, option, positive, register
+from .core import (
+    BilevelProblem,
+    Params,
+    check_finite,
+    check_same_keys,
+    detached,
+    grad_dict,
+    leaves,
+    tadd,
+    tnorm,
+    vjp_dict,
+)
+from .linsolve import ON_INDEFINITE, MatVec, SolveResult, cg, neumann
+from .unrolled import finish, unroll
+
+LinearSolve = Callable[[MatVec, Params, Params | None], SolveResult]  # (matvec, b, initial guess or None)
+
+
+def implicit_hypergrad(
+    problem: BilevelProblem, x: Params, y: Params, task: Any, solve: LinearSolve, q0: Params | None = None
+) -> tuple[Params, SolveResult, dict[str, float]]:
+    """Eq. (1) at the given inner point y, with the linear system solved by ``solve``.
+
+    Returns (dF/dx, the solve's result, extra metrics: ‖∇_y f(x, y)‖, which (1) assumes is 0, and the number of
+    inner params the lower level does not use).
+    """
+    x, y = leaves(x), leaves(y)
+    outer = problem.outer_loss(x, y, task)
+    check_finite(outer, "outer_loss", task)
+    gx_F = grad_dict(outer, x, retain_graph=True)
+    gy_F = grad_dict(outer, y)
+    inner = problem.inner_loss(x, y, task)
+    check_finite(inner, "inner_loss", task)
+    gy_f_all = grad_dict(inner, y, create_graph=True)
+
+    # ∇_y f of an unused inner param is a constant zero (no graph): keep it out of the system.
+    active = [k for k in y if gy_f_all[k].requires_grad]
+    if not active:
+        raise ValueError(
+            f"inner_loss does not depend on any inner param ({sorted(y)}) to second order: the lower-level "
+            "solution is not unique and the implicit hypergradient is undefined"
+        )
+    gy_f = {k: gy_f_all[k] for k in active}
+    y_act = {k: y[k] for k in active}
+
+    def hvp(v: Params) -> Params:
+        return detached(vjp_dict(gy_f, y_act, v, retain_graph=True))
+
+    if q0 is not None:
+        q0 = {k: q0[k] for k in active}
+    result = solve(hvp, {k: gy_F[k] for k in active}, q0)
+    mixed = vjp_dict(gy_f, x, result.solution)  # ∇²_xy f · q
+    extra = {
+        "inner_grad_norm": float(tnorm(detached(gy_f))),
+        "unused_inner_params": float(len(y) - len(active)),
+    }
+    return tadd(gx_F, mixed, -1.0), result, extra
+
+
+def _pad(q: Params, like: Params) -> Params:
+    """The solve's q over all inner keys (zeros for the unused ones), for the warm-start state."""
+    return {k: q[k].detach() if k in q else torch.zeros_like(like[k]) for k in like}
+
+
+class Proximal(BilevelProblem):
+    """iMAML's inner problem f(x, y) + λ/2 ‖y − Ψ₀(x)‖² around the problem's own init Ψ₀ = init_inner."""
+
+    def __init__(self, problem: BilevelProblem, lam: float):
+        self.problem, self.lam = problem, lam
+
+    def init_inner(self, x: Params, task: Any) -> Params:
+        return self.problem.init_inner(x, task)
+
+    def inner_loss(self, x: Params, y: Params, task: Any):
+        center = self.problem.init_inner(x, task)
+        prox = sum(((y[k] - center[k]) ** 2).sum() for k in y)
+        return self.problem.inner_loss(x, y, task) + 0.5 * self.lam * prox
+
+    def outer_loss(self, x: Params, y: Params, task: Any):
+        return self.problem.outer_loss(x, y, task)
+
+    def project_inner(self, x: Params, y: Params) -> Params:
+        project = getattr(self.problem, "project_inner", None)
+        return project(x, y) if callable(project) else y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IFT solvers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IFTOptions(SolverOptions):
+    inner_steps: int = option(100, "inner gradient steps T to approximate y* (the IFT assumes ∇_y f(y_T) ≈ 0)", nonnegative)
+    inner_lr: float = option(0.1, "inner step size", positive)
+    warm_start: bool = option(
+        False, "start the inner steps (and CG) from the previous outer step's y_T (and q), carried in HyperGrad.state"
+    )
+    on_indefinite: str = option(
+        "stop", "when the Hessian shows pᵀHp <= 0: 'stop' (truncate, flag), 'continue' (flag) or 'raise'", choices=ON_INDEFINITE
+    )
+
+
+class _IFT(Solver):
+    """Shared body of ift-cg and ift-neumann; subclasses provide the linear solve."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.stateful = self.options.warm_start  # type: ignore[misc]  # per instance: only warm starts carry state
+
+    def _solve(self, matvec: MatVec, b: Params, q0: Params | None) -> SolveResult:
+        raise NotImplementedError
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        y0 = detached(problem.init_inner(x, task))
+        q0 = None
+        if o.warm_start and state is not None:
+            if not (isinstance(state, dict) and "y" in state):
+                raise ValueError(f"{self.name}: state must be the HyperGrad.state of a previous call, got {type(state).__name__}")
+            check_same_keys(y0, state["y"], "init_inner(x)", "warm-start state['y']")
+            y0, q0 = detached(state["y"]), state.get("q")
+        y = unroll(problem, x, y0, task, o.inner_steps, o.inner_lr, create_graph=False)
+        grad, result, extra = implicit_hypergrad(problem, x, y, task, self._solve, q0)
+        new_state = {"y": detached(y), "q": _pad(result.solution, y)} if o.warm_start else None
+        return finish(problem, x, y, task, grad, {**result.metrics(), **extra}, new_state)
+
+
+@dataclass(frozen=True)
+class IFTCGOptions(IFTOptions):
+    cg_steps: int = option(50, "maximum conjugate-gradient steps (Hessian-vector products)", positive)
+    cg_tol: float = option(1e-10, "stop CG once ‖∇_y F − H q‖ <= cg_tol · ‖∇_y F‖", nonnegative)
+
+
+@register
+class IFTCG(_IFT):
+    """IFT hypergradient, eq. (1), with H q = ∇_y F solved by conjugate gradient (HOAG; survey 001 Alg. 4)."""
+
+    name = "ift-cg"
+    Options = IFTCGOptions
+    paper = "Pedregosa 2016, Hyperparameter optimization with approximate gradient (HOAG; survey 001 §6, Alg. 4)"
+
+    def _solve(self, matvec, b, q0):
+        o = self.options
+        return cg(matvec, b, x0=q0, tol=o.cg_tol, max_steps=o.cg_steps, on_indefinite=o.on_indefinite)
+
+
+@dataclass(frozen=True)
+class IFTNeumannOptions(IFTOptions):
+    neumann_terms: int = option(50, "number K of Neumann terms (Hessian-vector products)", positive)
+    neumann_alpha: float | None = option(
+        None, "Neumann step α; the series converges when α·eig(H) ⊂ (0, 2). None: use inner_lr", positive
+    )
+    neumann_tol: float = option(1e-10, "stop early (and report converged) once the relative residual <= this", nonnegative)
+
+
+@register
+class IFTNeumann(_IFT):
+    """IFT hypergradient, eq. (1), with H⁻¹ ∇_y F ≈ α Σ_{j<K} (I − αH)^j ∇_y F (Lorraine et al. 2020).
+
+    Warm starts apply to the inner steps only: the series always starts from 0.
+    """
+
+    name = "ift-neumann"
+    Options = IFTNeumannOptions
+    paper = "Lorraine, Vicol, Duvenaud 2020, Optimizing millions of hyperparameters by implicit differentiation (survey 001 §6)"
+
+    def _solve(self, matvec, b, q0):
+        o = self.options
+        alpha = o.inner_lr if o.neumann_alpha is None else o.neumann_alpha
+        return neumann(matvec, b, alpha=alpha, terms=o.neumann_terms, tol=o.neumann_tol, on_indefinite=o.on_indefinite)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# iMAML
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IMAMLOptions(SolverOptions):
+    inner_steps: int = option(10, "gradient steps T on the proximal inner problem f + λ/2‖y − x‖²", nonnegative)
+    inner_lr: float = option(0.1, "inner step size", positive)
+    lam: float = option(1.0, "proximal strength λ (larger: y* stays closer to the initialization)", positive)
+    cg_steps: int = option(5, "maximum conjugate-gradient steps (iMAML uses 5)", positive)
+    cg_tol: float = option(1e-10, "stop CG once the relative residual <= cg_tol", nonnegative)
+    on_indefinite: str = option(
+        "stop", "when H + λI shows pᵀ(H + λI)p <= 0: 'stop' (truncate, flag), 'continue' (flag) or 'raise'", choices=ON_INDEFINITE
+    )
+
+
+@register
+class IMAML(Solver):
+    """Implicit MAML: (I + H/λ)⁻¹ ∇_y F at the proximal inner solution, by CG with Hessian-vector products.
+
+    The outer params are the initialization: Ψ₀(x) = init_inner(x) (for ModelProblem, the model's params).
+    """
+
+    name = "imaml"
+    Options = IMAMLOptions
+    paper = "Rajeswaran, Finn, Kakade, Levine 2019, Meta-learning with implicit gradients (survey 000 eqs. 39-43)"
+
+    def _hypergrad(self, problem, x, task, state):
+        o = self.options
+        prox = Proximal(problem, o.lam)
+        y = unroll(prox, x, detached(problem.init_inner(x, task)), task, o.inner_steps, o.inner_lr, create_graph=False)
+
+        def solve(matvec, b, q0):
+            return cg(matvec, b, tol=o.cg_tol, max_steps=o.cg_steps, on_indefinite=o.on_indefinite)
+
+        grad, result, extra = implicit_hypergrad(prox, x, y, task, solve)
+        return finish(problem, x, y, task, grad, {**result.metrics(), **extra, "lam": o.lam})

@@ -1,0 +1,183 @@
+"""Matrix-free linear solvers for implicit hypergradients: conjugate gradient and a truncated Neumann series.
+
+Both solve A q = b for a symmetric operator A given only as a product ``matvec(v) -> A v`` on Params (in
+metaray, A is a Hessian and A v a Hessian-vector product), and return the solution with a residual history.
+
+- **Conjugate gradient** (Hestenes & Stiefel 1952; HOAG, iMAML; survey 001 Alg. 4 step 2). Stops once
+  ‖b − A q‖ ≤ tol · ‖b‖ or after ``max_steps`` products. CG needs A positive definite: a direction with
+  non-positive curvature pᵀ A p ≤ 0 proves A is not, and is reported as ``indefinite``.
+- **Truncated Neumann series** (Lorraine et al. 2020; survey 000 eq. 44, survey 001 §6):
+
+      A⁻¹ b ≈ α Σ_{j<K} (I − α A)^j b,
+
+  which converges when the spectrum of α A lies in (0, 2). With p_j = (I − α A)^j b the residual of the
+  K-term sum is exactly b − A q_K = p_K, so the residual history costs nothing extra.
+
+Neither solver builds an autograd graph: they are called under ``torch.no_grad`` by the implicit solvers,
+whose ``matvec`` differentiates internally.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .core import Params, detached, tadd, tdot, tnorm, tscale, tzeros_like
+
+MatVec = Callable[[Params], Params]
+
+ON_INDEFINITE = ("stop", "continue", "raise")
+
+
+class IndefiniteError(ArithmeticError):
+    """The operator showed a direction of non-positive curvature (pᵀ A p ≤ 0) and ``on_indefinite='raise'``."""
+
+
+@dataclass
+class SolveResult:
+    """What a linear solve returns.
+
+    solution:   the approximate q with A q ≈ b
+    residuals:  relative residuals ‖b − A q_k‖ / ‖b‖, one per iterate, starting with the initial guess
+    steps:      operator products (Hessian-vector products) spent
+    converged:  the last relative residual is ≤ tol
+    indefinite: a direction p with pᵀ A p ≤ 0 was met (A is not positive definite)
+    """
+
+    solution: Params
+    residuals: list[float] = field(default_factory=list)
+    steps: int = 0
+    converged: bool = False
+    indefinite: bool = False
+
+    @property
+    def residual(self) -> float:
+        return self.residuals[-1] if self.residuals else math.nan
+
+    def metrics(self, prefix: str = "linsolve_") -> dict[str, float]:
+        """Floats for ``HyperGrad.metrics``: final relative residual, steps, and the two flags as 0/1."""
+        return {
+            f"{prefix}residual": self.residual,
+            f"{prefix}steps": float(self.steps),
+            "converged": float(self.converged),
+            "indefinite": float(self.indefinite),
+        }
+
+
+def _check_common(tol: float, max_steps: int, on_indefinite: str) -> None:
+    if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite float >= 0, got {tol!r}")
+    if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 0):
+        raise ValueError(f"the number of steps must be an int >= 0, got {max_steps!r}")
+    if on_indefinite not in ON_INDEFINITE:
+        raise ValueError(f"on_indefinite must be one of {list(ON_INDEFINITE)}, got {on_indefinite!r}")
+
+
+def _curvature_check(curv: float, step: int, on_indefinite: str) -> bool:
+    """True when the direction has non-positive curvature; raises if asked to."""
+    if curv > 0:
+        return False
+    if on_indefinite == "raise":
+        raise IndefiniteError(
+            f"the linear operator (Hessian) is not positive definite: found pᵀAp = {curv:.3g} <= 0 at step {step}. "
+            "The lower-level solution may be a saddle point or not converged; use on_indefinite='stop' or 'continue' "
+            "to get a flagged result instead"
+        )
+    return True
+
+
+@torch.no_grad()
+def cg(
+    matvec: MatVec,
+    b: Params,
+    *,
+    x0: Params | None = None,
+    tol: float = 1e-10,
+    max_steps: int = 100,
+    on_indefinite: str = "stop",
+) -> SolveResult:
+    """Conjugate gradient for A q = b with A symmetric, using only ``matvec``.
+
+    ``on_indefinite``: at a direction with pᵀ A p ≤ 0, 'stop' returns the last iterate (truncated CG, as in
+    Newton-CG), 'continue' keeps iterating (plain CG still solves nonsingular indefinite systems unless it
+    breaks down on pᵀ A p = 0), 'raise' raises IndefiniteError. The flag is set in every case but 'raise'.
+    """
+    _check_common(tol, max_steps, on_indefinite)
+    b = detached(b)
+    b_norm = float(tnorm(b))
+    q = tzeros_like(b) if x0 is None else detached(x0)
+    if b_norm == 0.0:  # the solution is 0 whatever A is
+        return SolveResult(tzeros_like(b), [0.0], 0, True, False)
+    r = b if x0 is None else tadd(b, matvec(q), -1.0)
+    steps = 0 if x0 is None else 1
+    rr = float(tdot(r, r))
+    residuals = [math.sqrt(rr) / b_norm]
+    p = r
+    indefinite = False
+    for _ in range(max_steps):
+        if residuals[-1] <= tol:
+            break
+        Ap = matvec(p)
+        steps += 1
+        curv = float(tdot(p, Ap))
+        if _curvature_check(curv, steps, on_indefinite):
+            indefinite = True
+            if on_indefinite == "stop" or curv == 0.0:  # curv == 0: CG breaks down, nothing to continue with
+                break
+        alpha = rr / curv
+        q = tadd(q, p, alpha)
+        r = tadd(r, Ap, -alpha)
+        rr_new = float(tdot(r, r))
+        residuals.append(math.sqrt(rr_new) / b_norm)
+        if not math.isfinite(rr_new):
+            break
+        p = tadd(r, p, rr_new / rr)
+        rr = rr_new
+    return SolveResult(q, residuals, steps, residuals[-1] <= tol, indefinite)
+
+
+@torch.no_grad()
+def neumann(
+    matvec: MatVec,
+    b: Params,
+    *,
+    alpha: float,
+    terms: int,
+    tol: float = 0.0,
+    on_indefinite: str = "continue",
+) -> SolveResult:
+    """A⁻¹ b ≈ α Σ_{j<K} (I − α A)^j b with K = ``terms`` (stops early once the residual is ≤ tol).
+
+    Uses K operator products: p_{j+1} = p_j − α A p_j, and the residual after j terms is ‖p_j‖ / ‖b‖.
+    The series diverges when α A has an eigenvalue outside (0, 2); ``converged`` is then False. pᵀ A p ≤ 0
+    along the way is flagged as ``indefinite``; 'stop' then returns the partial sum so far.
+    """
+    _check_common(tol, terms, on_indefinite)
+    if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"the Neumann step size alpha must be a finite float > 0, got {alpha!r}")
+    b = detached(b)
+    b_norm = float(tnorm(b))
+    if b_norm == 0.0:
+        return SolveResult(tzeros_like(b), [0.0], 0, True, False)
+    p = b
+    total = tzeros_like(b)  # Σ_{i<j} p_i
+    residuals = [1.0]
+    indefinite = False
+    steps = 0
+    for _ in range(terms):
+        if residuals[-1] <= tol:
+            break
+        Ap = matvec(p)
+        steps += 1
+        if _curvature_check(float(tdot(p, Ap)), steps, on_indefinite):
+            indefinite = True
+            if on_indefinite == "stop":
+                break
+        total = tadd(total, p)
+        p = tadd(p, Ap, -alpha)
+        residuals.append(float(tnorm(p)) / b_norm)
+        if not math.isfinite(residuals[-1]):
+            break
+    return SolveResult(tscale(total, alpha), residuals, steps, residuals[-1] <= tol, indefinite)
