@@ -59,19 +59,26 @@ class Ridge(Solver):
     Options = RidgeOptions
     paper = "Bertinetto, Henriques, Torr, Vedaldi 2019, Meta-learning with differentiable closed-form solvers (survey 000 §4.4)"
 
-    def _hypergrad(self, problem, x, task, state):
+    def _head(self, problem, x, task) -> tuple[dict, bool, Tensor]:
+        """The closed-form head W*(x) as inner params, whether Woodbury was used, and λ."""
         system = getattr(problem, "ridge_system", None)
         if not callable(system):
             raise TypeError(
                 f"ridge needs a problem with ridge_system(x, task) -> (features, one-hot targets, λ), such as "
                 f"metaray.tasks.FeatureProblem(inner='ridge'); {type(problem).__name__} has none"
             )
-        x = leaves(x)
         X, Y, lam = system(x, task)
         if not bool(lam > 0):
             raise ValueError(f"the ridge λ must be > 0, got {float(lam)}")
         W, woodbury = ridge_solve(X, Y, lam, self.options.form)
-        y = {"head.weight": W}
+        return {"head.weight": W}, woodbury, lam
+
+    def _adapt(self, problem, x, task, state):
+        return self._head(problem, x, task)[0]  # evaluation uses the same closed-form head
+
+    def _hypergrad(self, problem, x, task, state):
+        x = leaves(x)
+        y, woodbury, lam = self._head(problem, x, task)
         outer = problem.outer_loss(x, y, task)
         check_finite(outer, "outer_loss", task)
         metrics = {"woodbury": float(woodbury), "lam": float(lam.detach())}

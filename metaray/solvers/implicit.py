@@ -238,10 +238,14 @@ class IMAML(Solver):
     Options = IMAMLOptions
     paper = "Rajeswaran, Finn, Kakade, Levine 2019, Meta-learning with implicit gradients (survey 000 eqs. 39-43)"
 
+    def _adapt(self, problem, x, task, state):
+        o = self.options  # evaluation adapts on the same proximal inner problem as training
+        return unroll(Proximal(problem, o.lam), x, detached(problem.init_inner(x, task)), task, o.inner_steps, o.inner_lr, create_graph=False)
+
     def _hypergrad(self, problem, x, task, state):
         o = self.options
         prox = Proximal(problem, o.lam)
-        y = unroll(prox, x, detached(problem.init_inner(x, task)), task, o.inner_steps, o.inner_lr, create_graph=False)
+        y = self._adapt(problem, x, task, state)
 
         def solve(matvec, b, q0):
             return cg(matvec, b, tol=o.cg_tol, max_steps=o.cg_steps, on_indefinite=o.on_indefinite)

@@ -137,3 +137,31 @@ def test_hypergrad_batch_checks_states_length_and_keeps_order():
         assert torch.equal(hg.grad["x"], solver.hypergrad(P, x, t).grad["x"])
     with pytest.raises(ValueError, match="got 3 tasks but 2 states"):
         solver.hypergrad_batch(P, x, tasks, states=[None, None])
+
+
+@pytest.mark.parametrize("name", ["rad", "trad", "fad", "darts", "maml", "fomaml", "reptile", "imaml", "ift-cg", "ift-neumann"])
+def test_evaluate_adapts_like_hypergrad_without_a_gradient(name):
+    """Meta-validation/test uses solver.evaluate: the same inner solution the hypergradient is taken at."""
+    P = QuadraticProblem()
+    task = quadratic_task(4, 4, seed=4, init="x")
+    x = P.initial_params(task)
+    solver = S.make(name, inner_steps=4, inner_lr=0.1)
+    hg, ev = solver.hypergrad(P, x, task), solver.evaluate(P, x, task)
+    assert ev.outer_loss == pytest.approx(hg.outer_loss, rel=1e-12)
+    assert ev.inner_loss == pytest.approx(hg.inner_loss, rel=1e-12)
+    assert all(float(g.abs().max()) == 0.0 for g in ev.grad.values())
+
+
+def test_ridge_evaluate_uses_the_closed_form_head():
+    from metaray.tasks import FeatureProblem, GaussianClusterImages
+    from metaray.tasks.models import conv_block
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(conv_block(1, 4), torch.nn.Flatten())
+    problem = FeatureProblem(backbone, ways=5)
+    source = GaussianClusterImages(ways=5, shots=1, queries=5)
+    task = source.sample(("test", 0, 0))
+    x = problem.initial_params()
+    solver = S.make("ridge")
+    hg, ev = solver.hypergrad(problem, x, task), solver.evaluate(problem, x, task)
+    assert ev.outer_loss == pytest.approx(hg.outer_loss, rel=1e-6)
