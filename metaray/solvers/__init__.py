@@ -18,6 +18,9 @@ from .core import (
 )
 from . import unrolled, maml  # noqa: F401  (registers rad, trad, fad, darts, maml, fomaml, reptile, metasgd)
 from .maml import metasgd_lrs
+from . import implicit, closed_form  # noqa: F401  (registers imaml, ift-cg, ift-neumann, ridge)
+from . import learned  # noqa: F401  (registers l2o: learned optimizers, lstm and mlp)
+from . import bda, bvfim, sgld, fsla  # noqa: F401  (registers bda, bda-pessimistic, bvfim, sgld, fsla)
 
 __all__ = [
     "BilevelProblem",

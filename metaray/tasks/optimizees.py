@@ -158,6 +158,11 @@ class SyntheticClassification:
         return ClassifierOptimizeeProblem()
 
 
+# An l2o trajectory's state carries its task; run checkpoints are read with torch.load(weights_only=True), so
+# allowlist these data-only task classes (tensors and dicts of tensors).
+torch.serialization.add_safe_globals([QuadraticOptimizee, ClassifierOptimizee])
+
+
 class ClassifierOptimizeeProblem(BilevelProblem):
     """y = the MLPs' params (w1, b1, w2, b2), batched; f = Σ_b CE(train), F = Σ_b CE(val); metric: val accuracy."""
 

@@ -1,0 +1,83 @@
+"""Combining per-task hypergradients into one outer gradient.
+
+The gradients arrive in task-key order (the order of the keys the meta-learner asked for) and are combined in
+that order with a fixed sequence of floating-point operations, so the result is bit-identical whatever number of
+actors computed them.
+
+    mean:          g = (1/n) Σ_i g_i
+    weighted:      g = Σ_i w_i g_i / Σ_i w_i                  (w_i >= 0, Σ w_i > 0; e.g. task sizes)
+    median:        g_j = median_i g_ij                        (coordinate-wise; robust to < n/2 bad tasks)
+    trimmed_mean:  g_j = mean of g_ij after dropping the ⌊αn⌋ smallest and ⌊αn⌋ largest   (α = trim_fraction)
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..solvers.core import Params
+from .config import AGGREGATIONS
+
+
+def _stack(grads: Sequence[Params], k: str) -> Tensor:
+    return torch.stack([g[k] for g in grads])
+
+
+def _sorted(grads: Sequence[Params], k: str) -> Tensor:
+    return _stack(grads, k).sort(dim=0).values
+
+
+def aggregate(
+    grads: Sequence[Params],
+    rule: str = "mean",
+    weights: Sequence[float] | None = None,
+    trim_fraction: float = 0.1,
+) -> Params:
+    """One gradient from per-task gradients (all with the same keys and shapes), by ``rule``."""
+    if rule not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {rule!r}")
+    n = len(grads)
+    if n == 0:
+        raise ValueError("cannot aggregate zero task gradients: the step needs at least one task key")
+    keys = list(grads[0])
+    for i, g in enumerate(grads):
+        if list(g) != keys:
+            raise ValueError(f"task gradient {i} has keys {sorted(g)}, task gradient 0 has {sorted(keys)}")
+    if rule == "weighted":
+        if weights is None:
+            raise ValueError("aggregation 'weighted' needs weights (one per task key)")
+        w = [float(v) for v in weights]
+        if len(w) != n:
+            raise ValueError(f"got {len(w)} weights for {n} task gradients")
+        if any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+            raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w}")
+    elif weights is not None:
+        raise ValueError(f"weights are only used by aggregation 'weighted', not {rule!r}")
+
+    out: Params = {}
+    for k in keys:
+        if rule == "mean":
+            acc = grads[0][k].clone()
+            for g in grads[1:]:
+                acc.add_(g[k])
+            out[k] = acc / n
+        elif rule == "weighted":
+            total = sum(w)
+            acc = grads[0][k] * (w[0] / total)
+            for wi, g in zip(w[1:], grads[1:]):
+                acc.add_(g[k], alpha=wi / total)
+            out[k] = acc
+        elif rule == "median":
+            s = _sorted(grads, k)
+            # the mean of the two middle values for even n (torch.median would return the lower one)
+            out[k] = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+        else:  # trimmed_mean
+            cut = int(math.floor(trim_fraction * n))
+            s = _sorted(grads, k)[cut : n - cut]
+            acc = s[0].clone()
+            for row in s[1:]:
+                acc.add_(row)
+            out[k] = acc / s.shape[0]
+    return out

@@ -1,0 +1,157 @@
+"""What a worker pool is built from: the worker spec (what each actor builds locally) and the cluster config
+(how many actors, where, how results are combined, how faults are handled). Both are frozen dataclasses,
+validated on construction with messages that say what is valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ..solvers.core import BilevelProblem
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
+AGGREGATIONS = ("mean", "weighted", "median", "trimmed_mean")
+DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything an inner-learner actor needs, small and picklable: each actor builds the problem, the solver
+    and the task source locally, so an outer step ships only task keys and a reference to x, never modules or
+    data.
+
+    problem:        zero-argument factory returning a BilevelProblem (e.g. ``functools.partial(ModelProblem,
+                    mlp([1, 40, 40, 1]), "mse")`` — the model is pickled once with the spec, not per step)
+    solver:         registry name, built as ``metaray.solvers.make(solver, **solver_options)``
+    solver_options: options of that solver
+    source:         a TaskSource; workers call ``source.sample(key)`` locally
+    dtype:          "float32" | "float64": the default dtype while the problem is built; x is cast to it
+    device:         "auto" (cuda if the actor got a GPU, else cpu) | "cpu" | "cuda"
+    imports:        modules each worker imports before making the solver (plugin solvers that register
+                    themselves on import)
+    """
+
+    problem: Callable[[], BilevelProblem]
+    solver: str
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    source: Any = None
+    dtype: str = "float32"
+    device: str = "auto"
+    imports: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not callable(self.problem):
+            raise TypeError(
+                f"WorkerSpec.problem must be a zero-argument factory returning a BilevelProblem (e.g. "
+                f"functools.partial(ModelProblem, model, 'mse')), got {type(self.problem).__name__}"
+            )
+        if isinstance(self.problem, BilevelProblem):
+            raise TypeError("WorkerSpec.problem must be a factory, not a problem instance: wrap it, e.g. functools.partial(MyProblem, ...)")
+        if not isinstance(self.solver, str) or not self.solver:
+            raise TypeError(f"WorkerSpec.solver must be a solver registry name (str), got {self.solver!r}")
+        if not isinstance(self.solver_options, Mapping):
+            raise TypeError(f"WorkerSpec.solver_options must be a mapping, got {type(self.solver_options).__name__}")
+        if not callable(getattr(self.source, "sample", None)):
+            raise TypeError(f"WorkerSpec.source must be a TaskSource with sample(key), got {type(self.source).__name__}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"WorkerSpec.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"WorkerSpec.device must be one of {list(DEVICES)}, got {self.device!r}")
+        if isinstance(self.imports, str) or not all(isinstance(m, str) for m in self.imports):
+            raise TypeError(f"WorkerSpec.imports must be a tuple of module names, got {self.imports!r}")
+        object.__setattr__(self, "imports", tuple(self.imports))
+        object.__setattr__(self, "solver_options", dict(self.solver_options))
+
+    def check_picklable(self) -> None:
+        """Actors receive the spec pickled; fail here, with the field named, rather than deep inside Ray."""
+        import cloudpickle
+
+        for f in dataclasses.fields(self):
+            try:
+                cloudpickle.dumps(getattr(self, f.name))
+            except Exception as e:  # noqa: BLE001 (any pickling failure is reported the same way)
+                raise TypeError(f"WorkerSpec.{f.name} is not picklable ({type(e).__name__}: {e}); use a module-level "
+                                "class or functools.partial instead of a lambda or local closure") from e
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How a WorkerPool runs.
+
+    num_workers:          inner-learner actors
+    num_cpus_per_worker:  CPUs per actor (also its torch thread count, at least 1)
+    num_gpus_per_worker:  GPUs per actor; fractional shares one GPU and caps each process's CUDA memory at that
+                          fraction
+    strategy:             placement-group strategy: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK
+    placement_timeout_s:  how long to wait for the placement group before failing with what was asked and what
+                          the cluster has (a group that cannot fit never fails by itself)
+    aggregation:          mean | weighted (needs weights) | median (coordinate-wise) | trimmed_mean
+    trim_fraction:        fraction of tasks dropped at each end per coordinate by trimmed_mean, in [0, 0.5)
+    step_timeout_s:       straggler deadline per task; a task not back by then is re-dispatched to another actor
+                          (None: no deadline)
+    max_restarts:         Ray restarts of a dead actor; past that the actor is replaced, up to this many times
+    address:              ray.init(address=...); None joins the cluster of ``ray job submit`` (RAY_ADDRESS) or
+                          starts a local one
+    metrics:              export metaray's metrics through ray.util.metrics
+    progress:             per-actor progress bars (ray.experimental.tqdm_ray)
+    state_snapshot_every: stateful solvers: the driver keeps a copy of every task's state every this many steps
+                          (1: a dead actor's tasks resume exactly; 0: only at state_dict())
+    """
+
+    num_workers: int = 2
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    strategy: str = "PACK"
+    placement_timeout_s: float = 60.0
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
+    step_timeout_s: float | None = None
+    max_restarts: int = 3
+    address: str | None = None
+    metrics: bool = True
+    progress: bool = False
+    state_snapshot_every: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(name: str, valid: str) -> ValueError:
+            return ValueError(f"ClusterConfig.{name} must be {valid}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:
+            raise bad("num_workers", "an int >= 1")
+        if not _is_number(self.num_cpus_per_worker) or not (0 < self.num_cpus_per_worker < math.inf):
+            raise bad("num_cpus_per_worker", "a number > 0")
+        g = self.num_gpus_per_worker
+        if not _is_number(g) or not (0 <= g < math.inf) or (g > 1 and g != int(g)):
+            raise bad("num_gpus_per_worker", "a number >= 0: a fraction in (0, 1) to share a GPU, or a whole number")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"one of {list(STRATEGIES)}")
+        if not _is_number(self.placement_timeout_s) or not (0 < self.placement_timeout_s < math.inf):
+            raise bad("placement_timeout_s", "a number of seconds > 0")
+        if self.aggregation not in AGGREGATIONS:
+            raise bad("aggregation", f"one of {list(AGGREGATIONS)}")
+        if not _is_number(self.trim_fraction) or not (0 <= self.trim_fraction < 0.5):
+            raise bad("trim_fraction", "a number in [0, 0.5)")
+        if self.step_timeout_s is not None and (not _is_number(self.step_timeout_s) or not (0 < self.step_timeout_s < math.inf)):
+            raise bad("step_timeout_s", "None or a number of seconds > 0")
+        if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
+            raise bad("max_restarts", "an int >= 0")
+        if self.address is not None and (not isinstance(self.address, str) or not self.address):
+            raise bad("address", "None or a Ray address string such as 'auto' or 'ray://host:10001'")
+        for name in ("metrics", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
+        if not isinstance(self.state_snapshot_every, int) or isinstance(self.state_snapshot_every, bool) or self.state_snapshot_every < 0:
+            raise bad("state_snapshot_every", "an int >= 0")
+
+
+def check_spec_for_config(spec: WorkerSpec, config: ClusterConfig) -> None:
+    """Cross checks between what the actors must build and the resources they get."""
+    if spec.device == "cuda" and config.num_gpus_per_worker == 0:
+        raise ValueError("WorkerSpec.device='cuda' needs ClusterConfig.num_gpus_per_worker > 0 (or use device='auto')")

@@ -1,0 +1,725 @@
+"""Worker pools: one outer step = per-task hypergradients from the inner learners, aggregated.
+
+``WorkerPool`` runs the inner learners as named Ray actors (``metaray-<run>-inner-<i>``) in a placement
+group; ``InProcessPool`` runs the same ``InnerLearner`` code in the calling process (the reference for tests
+and the baseline that measures Ray's overhead). Both have the same interface and give the same numbers.
+
+One outer step (``step``):
+1. x is put in the object store once, as NumPy arrays (zero-copy reads on every actor of the node); each
+   call carries only the reference and one task key.
+2. Task ``(split, step, i)`` goes to its owner, worker ``i % num_workers`` (see worker.py: the task's state
+   lives there). Calls are pipelined: every actor has its next task queued.
+3. Results are collected, then aggregated in the order of the keys the caller gave, by a fixed sequence of
+   floating-point operations: the result does not depend on how many actors computed it.
+
+Faults, handled in the driver (Ray's own method retries are off: a method that kills its process would be
+retried into every restart):
+- an actor dies (ActorUnavailableError while Ray restarts it, ActorDiedError once it is gone for good):
+  wait for the restart, or replace the actor in its placement-group bundle, then re-dispatch its tasks. A
+  stateful task resumes from the driver's snapshot of its state; the worker refuses to start a task it
+  should hold state for but does not, so lost state is never silently reset.
+- a task not back within ``step_timeout_s`` is re-dispatched to another actor; the first result wins.
+- a non-finite loss or hypergradient is reported and the task retried once; a second failure raises
+  ``NonFiniteStepError``. No state is committed and nothing is returned, so x is never touched.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..solvers import get as get_solver
+from ..solvers.core import NonFiniteError, Params, check_params, check_same_keys, tnorm
+from ..tasks.base import check_key
+from .aggregate import aggregate
+from .config import ClusterConfig, WorkerSpec, check_spec_for_config
+from .worker import InnerLearner, TaskId, owner, task_id
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+
+
+class PoolError(RuntimeError):
+    """A worker pool could not do what was asked; the message says why and what to change."""
+
+
+class PlacementTimeoutError(PoolError, TimeoutError):
+    """The placement group did not fit in the cluster within ``placement_timeout_s``."""
+
+
+class NonFiniteStepError(NonFiniteError):
+    """A task's hypergradient stayed non-finite after its retry: the step is abandoned, x is unchanged."""
+
+
+@dataclass
+class StepResult:
+    """What one outer step (or evaluation) returns to the meta-learner.
+
+    grad:       the aggregated hypergradient (same keys, dtype and device as x; zeros for ``evaluate``)
+    outer_loss: mean over tasks;  inner_loss: mean over tasks
+    metrics:    mean over tasks of each task metric, plus pool diagnostics prefixed ``pool_``
+    per_task:   [{"key", "worker", "outer_loss", "inner_loss", **metrics}] in key order
+    per_worker: {i: {"tasks", "inner_loss" (mean), "seconds" (compute)}}
+    restarts:   actor restarts / replacements seen during this step;  retries: task re-dispatches
+    seconds:    wall clock of the step
+    """
+
+    grad: Params
+    outer_loss: float
+    inner_loss: float
+    metrics: dict[str, float]
+    per_task: list[dict]
+    per_worker: dict[int, dict]
+    restarts: int
+    retries: int
+    seconds: float
+    events: list[str] = field(default_factory=list)  # what went wrong and how it was handled, in order
+
+
+def _check_run_name(run_name: Any) -> str:
+    if not isinstance(run_name, str) or not _RUN_NAME.match(run_name):
+        raise ValueError(f"run_name must be 1-64 characters from [A-Za-z0-9_.-] (it names Ray actors), got {run_name!r}")
+    return run_name
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+class _PoolBase:
+    """Validation, the step's bookkeeping and the result; subclasses run the tasks (``_run``)."""
+
+    def __init__(self, spec: WorkerSpec, config: ClusterConfig, run_name: str):
+        if not isinstance(spec, WorkerSpec):
+            raise TypeError(f"spec must be a WorkerSpec, got {type(spec).__name__}")
+        if not isinstance(config, ClusterConfig):
+            raise TypeError(f"config must be a ClusterConfig, got {type(config).__name__}")
+        check_spec_for_config(spec, config)
+        self.spec, self.config, self.run_name = spec, config, _check_run_name(run_name)
+        import importlib
+
+        for module in spec.imports:
+            importlib.import_module(module)
+        # Validate the solver name and options here, not inside every actor.
+        self.stateful = bool(get_solver(spec.solver)(**spec.solver_options).stateful)
+        self.num_workers = config.num_workers
+        self._snapshot: dict[TaskId, Any] = {}  # the driver's copy of per-task state (stateful solvers)
+        self._has_state: set[TaskId] = set()    # tasks whose state some worker must hold
+        self._steps = 0
+        self._closed = False
+        self._events: list[str] = []
+
+    # ---- context manager -----------------------------------------------------------------------------
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self._closed = True
+
+    # ---- steps -------------------------------------------------------------------------------------------
+
+    def step(self, x: Params, keys: Sequence[Any], weights: Sequence[float] | None = None) -> StepResult:
+        """Task hypergradients at x for ``keys``, aggregated by ``config.aggregation`` in key order."""
+        return self._step(x, keys, weights, "train")
+
+    def evaluate(self, x: Params, keys: Sequence[Any]) -> StepResult:
+        """Losses and metrics after adaptation (``solver.evaluate``): no hypergradient (grad is zeros) and no
+        state is changed."""
+        return self._step(x, keys, None, "eval")
+
+    def _check_keys(self, keys: Sequence[Any], mode: str) -> list[tuple]:
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+            raise TypeError(f"keys must be a sequence of task keys (split, step, index), got {type(keys).__name__}")
+        keys = [check_key(tuple(k) if isinstance(k, list) else k) for k in keys]
+        if not keys:
+            raise ValueError("a step needs at least one task key")
+        if len(set(keys)) != len(keys):
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"duplicate task keys in one step: {dup}")
+        if self.stateful and mode == "train":
+            ids = [task_id(k) for k in keys]
+            if len(set(ids)) != len(ids):
+                raise ValueError(
+                    f"solver {self.spec.solver!r} is stateful and a task's state is identified by (split, index): "
+                    f"one step cannot hold two keys of the same task, got {keys}"
+                )
+        return keys
+
+    def _check_weights(self, weights: Sequence[float] | None, n: int, mode: str) -> list[float] | None:
+        rule = self.config.aggregation
+        if mode != "train":
+            if weights is not None:
+                raise ValueError("evaluate takes no weights")
+            return None
+        if rule == "weighted" and weights is None:
+            raise ValueError("ClusterConfig.aggregation='weighted' needs weights: step(x, keys, weights=[...]) with one per key")
+        if rule != "weighted" and weights is not None:
+            raise ValueError(f"weights are only used with ClusterConfig.aggregation='weighted', not {rule!r}")
+        if weights is None:
+            return None
+        w = [float(v) for v in weights]
+        if len(w) != n:
+            raise ValueError(f"got {len(w)} weights for {n} task keys")
+        if any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+            raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w}")
+        return w
+
+    def _step(self, x: Params, keys: Sequence[Any], weights: Sequence[float] | None, mode: str) -> StepResult:
+        if self._closed:
+            raise PoolError(f"pool {self.run_name!r} is shut down")
+        x = check_params(x, "outer params x")
+        keys = self._check_keys(keys, mode)
+        w = self._check_weights(weights, len(keys), mode)
+        t0 = time.perf_counter()
+        every = self.config.state_snapshot_every
+        snapshot = self.stateful and mode == "train" and every > 0 and self._steps % every == 0
+        self._events: list[str] = []
+        try:
+            results, restarts, retries = self._run(x, keys, mode, snapshot)
+        except NonFiniteStepError:
+            if self.stateful and mode == "train":
+                self._rollback(keys)
+            raise
+
+        if mode == "train":
+            for r in results:
+                check_same_keys(x, r["grad"], "outer params x", f"hypergradient of task {r['key']}")
+            agg = aggregate([r["grad"] for r in results], self.config.aggregation, w, self.config.trim_fraction)
+            grad = {k: agg[k].to(device=x[k].device, dtype=x[k].dtype) for k in x}
+            if self.stateful:
+                for r in results:
+                    self._has_state.add(task_id(r["key"]))
+                    if r["state"] is not None:
+                        self._snapshot[task_id(r["key"])] = r["state"][0]
+            self._steps += 1
+        else:
+            grad = {k: torch.zeros_like(v) for k, v in x.items()}
+        seconds = time.perf_counter() - t0
+        result = self._result(x, grad, results, restarts, retries, seconds, mode)
+        if self.config.metrics:
+            self._record(result, mode == "train")
+        return result
+
+    def _result(self, x, grad, results, restarts, retries, seconds, mode) -> StepResult:
+        per_task = [
+            {"key": r["key"], "worker": r["worker"], "outer_loss": r["outer_loss"], "inner_loss": r["inner_loss"], **r["metrics"]}
+            for r in results
+        ]
+        names = [k for k in results[0]["metrics"] if all(k in r["metrics"] for r in results)]
+        metrics = {k: _mean([r["metrics"][k] for r in results]) for k in names}
+        per_worker: dict[int, dict] = {}
+        for r in results:
+            row = per_worker.setdefault(r["worker"], {"tasks": 0, "inner_loss": [], "seconds": 0.0})
+            row["tasks"] += 1
+            row["inner_loss"].append(r["inner_loss"])
+            row["seconds"] += r["seconds"]
+        for row in per_worker.values():
+            row["inner_loss"] = _mean(row["inner_loss"])
+        metrics.update(
+            pool_tasks_per_second=len(results) / seconds if seconds > 0 else float("inf"),
+            pool_step_seconds=seconds,
+            pool_hypergrad_norm=float(tnorm(grad)) if mode == "train" else 0.0,
+            pool_restarts=float(restarts),
+            pool_retries=float(retries),
+            pool_workers=float(self.num_workers),
+        )
+        return StepResult(
+            grad=grad,
+            outer_loss=_mean([r["outer_loss"] for r in results]),
+            inner_loss=_mean([r["inner_loss"] for r in results]),
+            metrics=metrics,
+            per_task=per_task,
+            per_worker=dict(sorted(per_worker.items())),
+            restarts=restarts,
+            retries=retries,
+            seconds=seconds,
+            events=list(self._events),
+        )
+
+    def _record(self, result: StepResult, train: bool) -> None:
+        try:
+            from .metrics import record_step
+
+            record_step(self.run_name, result, train)
+        except Exception as e:  # noqa: BLE001 (monitoring must never fail a training step)
+            warnings.warn(f"metaray metrics not recorded: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+
+    def _nonfinite(self, r: dict, tries: dict[tuple, int]) -> None:
+        """Reports a non-finite task result; raises once the task has failed twice."""
+        key = r["key"]
+        tries[key] = tries.get(key, 0) + 1
+        msg = f"non-finite result for task {key} on worker {r['worker']}: {r['message']}"
+        self._events.append(msg + (" (retrying once)" if tries[key] == 1 else ""))
+        if tries[key] == 1:
+            warnings.warn(msg + " — retrying once", RuntimeWarning, stacklevel=4)
+        else:
+            raise NonFiniteStepError(
+                f"{msg}, again after a retry: step abandoned, the outer params and all task states are unchanged. "
+                "Lower the learning rates, check the problem's losses at these params, or use a robust aggregation "
+                "only if a few bad tasks are expected (non-finite values still fail the step).",
+                where=r.get("where", ""),
+                task=key,
+            )
+
+    def _restore(self, key: tuple) -> tuple | None:
+        """The snapshot state of a task that has state, for a worker that lost it."""
+        tid = task_id(key)
+        if tid not in self._has_state:
+            return None
+        if tid not in self._snapshot:
+            raise PoolError(
+                f"the state of task {tid} was lost with its worker and the pool holds no snapshot of it; "
+                "set ClusterConfig.state_snapshot_every >= 1 (or call state_dict() periodically)"
+            )
+        return (self._snapshot[tid],)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Per-task state of a stateful solver, keyed by task id (split, index), on the CPU. Also refreshes the
+        pool's own snapshot. Stateless solvers: empty ``tasks``."""
+        tasks = self._gather_states() if self.stateful else {}
+        self._snapshot.update(tasks)
+        return {"solver": self.spec.solver, "stateful": self.stateful, "steps": self._steps, "tasks": dict(tasks)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores ``state_dict()`` output: each task's state goes to its owner (whatever the number of workers
+        was when it was saved)."""
+        if not isinstance(state, dict) or "tasks" not in state:
+            raise ValueError("load_state_dict expects the dict returned by state_dict() (with a 'tasks' entry)")
+        if state.get("solver") not in (None, self.spec.solver):
+            raise ValueError(f"state_dict is from solver {state.get('solver')!r}, this pool runs {self.spec.solver!r}")
+        tasks = {tuple(tid): s for tid, s in state["tasks"].items()}
+        for tid in tasks:
+            if not (len(tid) == 2 and isinstance(tid[0], str) and isinstance(tid[1], int)):
+                raise ValueError(f"state_dict task ids must be (split, index), got {tid!r}")
+        self._steps = int(state.get("steps", 0))
+        self._snapshot = dict(tasks)
+        self._has_state = set(tasks)
+        self._scatter_states(tasks)
+
+    def _rollback(self, keys: list[tuple]) -> None:
+        """A failed step's tasks go back to their state before it (the driver's snapshot; none if they had none),
+        so tasks that finished before the failure do not run ahead of the others."""
+        ids = [task_id(k) for k in keys]
+        restore = {tid: self._snapshot[tid] for tid in ids if tid in self._snapshot}
+        self._update_states(restore, [tid for tid in ids if tid not in self._has_state])
+
+    # ---- subclass hooks ----------------------------------------------------------------------------------
+
+    def _update_states(self, restore: dict[TaskId, Any], drop: list[TaskId]) -> None:
+        raise NotImplementedError
+
+    def _run(self, x: Params, keys: list[tuple], mode: str, snapshot: bool) -> tuple[list[dict], int, int]:
+        raise NotImplementedError
+
+    def _gather_states(self) -> dict[TaskId, Any]:
+        raise NotImplementedError
+
+    def _scatter_states(self, tasks: dict[TaskId, Any]) -> None:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-process
+# ----------------------------------------------------------------------------------------------------------
+
+
+class InProcessPool(_PoolBase):
+    """The same interface without Ray: one InnerLearner in this process computes every task in key order.
+
+    From ``config`` only the aggregation settings apply: every task runs here, reported as worker 0, nothing is
+    exported (the StepResult carries the metrics), and torch threads stay as the caller set them.
+    """
+
+    def __init__(self, spec: WorkerSpec, config: ClusterConfig | None = None, run_name: str = "inprocess"):
+        config = config or ClusterConfig(num_workers=1, metrics=False)
+        super().__init__(spec, config, run_name)
+        self.num_workers = 1
+        self._learner = InnerLearner(spec, 0, num_cpus=config.num_cpus_per_worker, num_gpus=config.num_gpus_per_worker,
+                                     set_threads=False)
+
+    def _record(self, result: StepResult, train: bool) -> None:
+        """No Ray, no exported metrics: the StepResult carries them."""
+
+    def _run(self, x, keys, mode, snapshot):
+        xw = self._learner.set_x(x)
+        results, retries, tries = [], 0, {}
+        for key in keys:
+            while True:
+                r = self._learner.run(xw, key, mode, snapshot=snapshot)
+                if r["error"] == "nonfinite":
+                    self._nonfinite(r, tries)
+                    retries += 1
+                    continue
+                break
+            results.append(r)
+        return results, 0, retries
+
+    def _gather_states(self):
+        return self._learner.get_states()
+
+    def _scatter_states(self, tasks):
+        self._learner.set_states(tasks)
+
+    def _update_states(self, restore, drop):
+        self._learner.update_states(restore, drop)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray
+# ----------------------------------------------------------------------------------------------------------
+
+_ACTOR_CLASS = None
+
+
+def _actor_class():
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        from .worker import RayInnerLearner
+
+        _ACTOR_CLASS = ray.remote(RayInnerLearner)
+    return _ACTOR_CLASS
+
+
+def init_ray(address: str | None = None) -> bool:
+    """Connects to Ray unless already connected; returns whether this call did it.
+
+    address None: Ray's own rule — RAY_ADDRESS (set by ``ray job submit``), else the latest cluster started on
+    this machine, else a new local cluster, whose dashboard binds to 127.0.0.1. Ray's token authentication
+    stays on (its default).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # No job-level runtime_env here: under `ray job submit` the job's own applies; each actor gets the zero-copy
+    # flag through its own runtime_env (pool.py, _start_actor).
+    ray.init(address=address, dashboard_host="127.0.0.1")
+    return True
+
+
+@dataclass
+class _Attempt:
+    index: int          # position of the key in the step
+    worker: int
+    started: float
+    backup: bool        # a straggler's copy on a non-owner (its state is not kept there)
+    backed_up: bool = False
+
+
+class WorkerPool(_PoolBase):
+    """Named Ray actors ``metaray-<run_name>-inner-<i>`` holding the inner learners, in one placement group."""
+
+    def __init__(self, spec: WorkerSpec, config: ClusterConfig, run_name: str):
+        super().__init__(spec, config, run_name)
+        spec.check_picklable()
+        import ray
+
+        # Gradients come back as zero-copy, read-only tensors; the pool only reads them (aggregation makes new ones).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                                module="ray._private.tensor_serialization_utils")
+        # States sent back to workers (restores, checkpoints) are copied there before any use.
+        warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+        self._ray = ray
+        self._owns_ray = init_ray(config.address)
+        self._pg = None
+        # The spec (with its model) goes to the object store once; holding the reference keeps it there for as
+        # long as the pool lives, so Ray can re-run an actor's constructor on restart (ray-project/ray#53727).
+        # Pickled to bytes first: each actor unpickles its own private, writable copy of the problem (Ray's
+        # zero-copy path would hand every actor read-only views of the model's tensors).
+        import cloudpickle
+
+        self._spec_ref = ray.put(cloudpickle.dumps(spec))
+        self._actors: list[Any] = [None] * config.num_workers
+        self._incarnation: list[str | None] = [None] * config.num_workers
+        self._replacements = [0] * config.num_workers
+        self.pids: list[int] = [0] * config.num_workers
+        try:
+            self._pg = self._place()
+            for i in range(config.num_workers):
+                self._actors[i] = self._start_actor(i)
+            infos = self._wait_ready(range(config.num_workers))
+            for i, info in infos.items():
+                self._incarnation[i] = info["incarnation"]
+                self.pids[i] = info["pid"]
+            self.worker_info = infos
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- placement and actors ----------------------------------------------------------------------------
+
+    def _bundle(self) -> dict[str, float]:
+        b = {"CPU": float(self.config.num_cpus_per_worker)}
+        if self.config.num_gpus_per_worker > 0:
+            b["GPU"] = float(self.config.num_gpus_per_worker)
+        return b
+
+    def _place(self):
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        ray, c = self._ray, self.config
+        bundle = self._bundle()
+        pg = placement_group([dict(bundle) for _ in range(c.num_workers)], strategy=c.strategy,
+                             name=f"metaray-{self.run_name}-pg")
+        try:
+            ray.get(pg.ready(), timeout=c.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            per_node = [{k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")} for n in nodes]
+            raise PlacementTimeoutError(
+                f"could not place {c.num_workers} workers x {bundle} with strategy {c.strategy} within "
+                f"{c.placement_timeout_s:g} s. The cluster has {len(nodes)} node(s) with {per_node} "
+                f"(available now: { {k: v for k, v in ray.available_resources().items() if k in ('CPU', 'GPU')} }). "
+                "Lower num_workers or the per-worker CPUs/GPUs, use strategy PACK/SPREAD instead of a STRICT_ one, "
+                "add nodes, or raise placement_timeout_s if the cluster is autoscaling."
+            ) from None
+        return pg
+
+    def _actor_name(self, i: int) -> str:
+        return f"metaray-{self.run_name}-inner-{i}"
+
+    def _start_actor(self, i: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        c = self.config
+        env = dict(ZERO_COPY_ENV)
+        if c.num_gpus_per_worker == 0:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # Ray >= 2.60 no longer hides GPUs from zero-GPU actors
+        try:
+            return _actor_class().options(
+                name=self._actor_name(i),
+                num_cpus=c.num_cpus_per_worker,
+                num_gpus=c.num_gpus_per_worker,
+                max_restarts=c.max_restarts,
+                max_task_retries=0,  # re-dispatch from the driver instead (see the module docstring)
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env},
+            ).remote(self._spec_ref, i, c.num_cpus_per_worker, c.num_gpus_per_worker, c.progress, self.run_name)
+        except ValueError as e:
+            if "already" in str(e).lower():
+                raise PoolError(
+                    f"a Ray actor named {self._actor_name(i)!r} already exists in this namespace: run names must be "
+                    "unique among live pools (shut the other pool down or choose another run_name)"
+                ) from e
+            raise
+
+    def _wait_ready(self, workers) -> dict[int, dict]:
+        ray = self._ray
+        refs = {i: self._actors[i].info.remote() for i in workers}
+        out = {}
+        for i, ref in refs.items():
+            try:
+                out[i] = ray.get(ref, timeout=max(60.0, self.config.placement_timeout_s))
+            except ray.exceptions.RayActorError as e:
+                raise PoolError(f"inner-learner actor {self._actor_name(i)} failed to start: {e}") from e
+            except ray.exceptions.GetTimeoutError as e:
+                raise PoolError(f"inner-learner actor {self._actor_name(i)} did not start in time") from e
+        return out
+
+    def _note_incarnation(self, w: int, incarnation: str) -> int:
+        """1 if worker w is a new process since we last heard from it (restart or replacement), else 0."""
+        if incarnation != self._incarnation[w]:
+            self._incarnation[w] = incarnation
+            self._events.append(f"worker {w} restarted (new process)")
+            return 1
+        return 0
+
+    def _recover(self, w: int) -> int:
+        """Waits until worker w answers again (Ray restarts it) or replaces it (restarts exhausted). Returns the
+        restarts counted."""
+        ray = self._ray
+        deadline = time.monotonic() + max(60.0, self.config.placement_timeout_s)
+        while True:
+            try:
+                info = ray.get(self._actors[w].info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                self.pids[w] = info["pid"]
+                return self._note_incarnation(w, info["incarnation"])
+            except ray.exceptions.ActorUnavailableError:
+                pass  # restarting
+            except ray.exceptions.ActorDiedError:
+                if self._replacements[w] >= max(1, self.config.max_restarts):
+                    raise PoolError(
+                        f"worker {w} ({self._actor_name(w)}) died and was already replaced {self._replacements[w]} "
+                        "times; giving up (see the Ray logs of that actor for why it dies)"
+                    ) from None
+                self._replacements[w] += 1
+                self._events.append(f"worker {w} is dead for good: replaced")
+                self._actors[w] = self._start_actor(w)
+            except ray.exceptions.GetTimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                raise PoolError(f"worker {w} ({self._actor_name(w)}) did not come back after dying")
+            time.sleep(0.05)
+
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    def _x_ref(self, x: Params):
+        # NumPy arrays are zero-copy in Ray's object store whatever the flags; other dtypes go as tensors
+        # (zero-copy too with RAY_ENABLE_ZERO_COPY_TORCH_TENSORS, set by metaray.cluster before importing ray).
+        payload = {}
+        for k, v in x.items():
+            v = v.detach().cpu().contiguous()
+            payload[k] = v.numpy() if v.dtype in (torch.float32, torch.float64, torch.float16) else v
+        return self._ray.put(payload)
+
+    def _run(self, x, keys, mode, snapshot):
+        ray, c = self._ray, self.config
+        x_box = (self._x_ref(x),)
+        results: list[dict | None] = [None] * len(keys)
+        pending: dict[Any, _Attempt] = {}
+        restarts = retries = 0
+        tries: dict[tuple, int] = {}
+
+        def submit(i: int, w: int, restore: tuple | None = None, backup: bool = False) -> None:
+            key = keys[i]
+            expect = self.stateful and mode == "train" and task_id(key) in self._has_state
+            ref = self._actors[w].run_ref.remote(x_box, key, mode, restore, expect, not backup, snapshot)
+            pending[ref] = _Attempt(i, w, time.monotonic(), backup)
+
+        for i, key in enumerate(keys):
+            submit(i, owner(key, self.num_workers))
+        while any(r is None for r in results):
+            timeout = None
+            if c.step_timeout_s is not None:
+                now = time.monotonic()
+                waits = [a.started + c.step_timeout_s - now for a in pending.values() if not (a.backed_up or a.backup)]
+                timeout = max(0.0, min(waits)) if waits else None
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            for ref in ready:
+                a = pending.pop(ref)
+                key = keys[a.index]
+                try:
+                    r = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    if results[a.index] is not None:
+                        continue
+                    self._events.append(f"worker {a.worker} died while computing task {key}: re-dispatched")
+                    restarts += self._recover(a.worker)
+                    retries += 1
+                    submit(a.index, a.worker, self._restore(key) if (self.stateful and mode == "train") else None, a.backup)
+                    continue
+                restarts += self._note_incarnation(a.worker, r["incarnation"])
+                if results[a.index] is not None:
+                    continue  # a straggler's other copy already answered
+                if r["error"] == "state_lost":
+                    self._events.append(f"worker {a.worker} lost the state of task {task_id(key)}: restored from snapshot")
+                    retries += 1
+                    submit(a.index, a.worker, self._restore(key), a.backup)
+                elif r["error"] == "nonfinite":
+                    self._nonfinite(r, tries)
+                    retries += 1
+                    submit(a.index, a.worker, self._restore(key) if (a.backup and self.stateful and mode == "train") else None,
+                           a.backup)
+                else:
+                    results[a.index] = r
+            if c.step_timeout_s is not None:
+                now = time.monotonic()
+                for a in list(pending.values()):
+                    if a.backed_up or a.backup or results[a.index] is not None or now - a.started < c.step_timeout_s:
+                        continue
+                    a.backed_up = True
+                    load = [0] * self.num_workers
+                    for b in pending.values():
+                        load[b.worker] += 1
+                    others = [w for w in range(self.num_workers) if w != a.worker] or [a.worker]
+                    target = min(others, key=lambda w: (load[w], w))
+                    self._events.append(
+                        f"task {keys[a.index]} on worker {a.worker} exceeded step_timeout_s={c.step_timeout_s:g}: "
+                        f"re-dispatched to worker {target}"
+                    )
+                    retries += 1
+                    restore = self._restore(keys[a.index]) if self.stateful and mode == "train" else None
+                    submit(a.index, target, restore, backup=True)
+        # Drop copies still running (stragglers): their results are not needed; they finish on their own.
+        return results, restarts, retries  # type: ignore[return-value]
+
+    # ---- states ------------------------------------------------------------------------------------------
+
+    def _gather_states(self):
+        ray = self._ray
+        out: dict[TaskId, Any] = {}
+        for w in range(self.num_workers):
+            try:
+                states = ray.get(self._actors[w].get_states.remote())
+            except ray.exceptions.RayActorError:
+                self._recover(w)
+                states = {}
+            for tid, s in states.items():
+                if owner((tid[0], 0, tid[1]), self.num_workers) == w:
+                    out[tid] = s
+        # tasks whose owner lost them since the last snapshot: the snapshot is the newest copy there is
+        for tid in self._has_state:
+            if tid not in out and tid in self._snapshot:
+                out[tid] = self._snapshot[tid]
+        return out
+
+    def _scatter_states(self, tasks):
+        ray = self._ray
+        parts: list[dict] = [{} for _ in range(self.num_workers)]
+        for tid, s in tasks.items():
+            parts[owner((tid[0], 0, tid[1]), self.num_workers)][tid] = s
+        ray.get([self._actors[w].set_states.remote(parts[w]) for w in range(self.num_workers)])
+
+    def _update_states(self, restore, drop):
+        # Sent after the failed step's calls on each actor handle, so Ray runs it after any still in flight.
+        ray = self._ray
+        parts: list[tuple[dict, list]] = [({}, []) for _ in range(self.num_workers)]
+        for tid, s in restore.items():
+            parts[owner((tid[0], 0, tid[1]), self.num_workers)][0][tid] = s
+        for tid in drop:
+            parts[owner((tid[0], 0, tid[1]), self.num_workers)][1].append(tid)
+        ray.get([self._actors[w].update_states.remote(*parts[w]) for w in range(self.num_workers)])
+
+    # ---- utilities ---------------------------------------------------------------------------------------
+
+    def worker_pids(self) -> list[int]:
+        """The current process id of each actor (asks them)."""
+        ray = self._ray
+        self.pids = list(ray.get([a.pid.remote() for a in self._actors]))
+        return list(self.pids)
+
+    def broadcast(self, x: Params) -> float:
+        """Puts x once and has every actor fetch and convert it; returns the seconds taken (a benchmark probe)."""
+        ray = self._ray
+        t0 = time.perf_counter()
+        box = (self._x_ref(x),)
+        ray.get([a.receive.remote(box) for a in self._actors])
+        return time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        """Kills the actors, removes the placement group, and disconnects Ray if this pool connected it."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        ray = getattr(self, "_ray", None)
+        if ray is None or not ray.is_initialized():
+            return
+        for a in getattr(self, "_actors", []):
+            if a is not None:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001 (already gone)
+                    pass
+        if getattr(self, "_pg", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self._pg)
+            except Exception:  # noqa: BLE001
+                pass
+        if getattr(self, "_owns_ray", False):
+            ray.shutdown()

@@ -1,0 +1,312 @@
+"""The inner learner: what one actor (or the in-process pool) does with a task key.
+
+An ``InnerLearner`` is built from a ``WorkerSpec``: it imports plugin modules, sets its torch threads, picks
+its device, builds the problem, the solver and the task source locally, and then turns
+(x, task key) into one task's hypergradient. The Ray actor is this class wrapped by ``ray.remote``; the
+in-process pool calls it directly, so both paths run the same code.
+
+Task identity and ownership. A key is (split, step, index); the step changes every outer step while the task
+it names persists (a warm-started inner problem, FSLA's tracked v, a learned optimizer's truncation, a
+persistent HPO task). So a task's state is keyed by its **task id (split, index)**, and the task is owned by
+worker ``index % num_workers``: its state lives on that actor, across outer steps, and is copied to the
+driver (snapshots, ``state_dict``) so it survives the actor.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import time
+import uuid
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..solvers import make
+from ..solvers.core import NonFiniteError, Params, check_grad_finite
+from .config import WorkerSpec
+
+TaskId = tuple[str, int]
+
+
+def task_id(key: Any) -> TaskId:
+    """The identity of the task a key names, stable across outer steps: (split, index)."""
+    if not (isinstance(key, tuple) and len(key) == 3):
+        raise TypeError(f"task key must be a tuple (split, step, index), got {key!r}")
+    return (key[0], key[2])
+
+
+def owner(key: Any, num_workers: int) -> int:
+    """The worker that owns (computes, and keeps the state of) the task a key names."""
+    return task_id(key)[1] % num_workers
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def move(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Tensors (floating ones cast to ``dtype``) in a task, a dict, a list/tuple or a dataclass, on ``device``.
+
+    Integer tensors (class labels) keep their dtype. Other objects are returned as they are.
+    """
+    if isinstance(obj, Tensor):
+        return obj.to(device=device, dtype=dtype) if obj.is_floating_point() else obj.to(device=device)
+    if isinstance(obj, Mapping):
+        return type(obj)((k, move(v, device, dtype)) for k, v in obj.items()) if isinstance(obj, dict) else obj
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(move(v, device, dtype) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: move(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    return obj
+
+
+def _move_problem(problem: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """Moves the modules and tensors a problem holds (e.g. ModelProblem's model and buffers) to the worker's
+    device and dtype, so x, tasks and the problem agree."""
+    for name, value in list(vars(problem).items()):
+        if isinstance(value, nn.Module):
+            value.to(device=device, dtype=dtype)
+        elif isinstance(value, (Tensor, dict)):
+            setattr(problem, name, move(value, device, dtype))
+
+
+def _private(tree: Any) -> Any:
+    """A writable copy of the tensors in a state that came through the object store (read-only views there)."""
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _private(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_private(v) for v in tree)
+    return tree
+
+
+def _to_cpu(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
+def resolve_device(requested: str, num_gpus: float, gpu_ids: list | None) -> torch.device:
+    """"auto": cuda when this worker was given a GPU (and torch sees one), else cpu."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    has_gpu = num_gpus > 0 and torch.cuda.is_available() and (gpu_ids is None or len(gpu_ids) > 0)
+    if requested == "cuda":
+        if not has_gpu:
+            raise RuntimeError(f"WorkerSpec.device='cuda' but this worker has no usable GPU (num_gpus={num_gpus}, "
+                               f"torch.cuda.is_available()={torch.cuda.is_available()})")
+        return torch.device("cuda")
+    return torch.device("cuda" if has_gpu else "cpu")
+
+
+class InnerLearner:
+    """Per-task hypergradients for the tasks one worker owns. Holds the stateful solvers' per-task state."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        worker: int = 0,
+        *,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        gpu_ids: list | None = None,
+        set_threads: bool = True,
+        progress: bool = False,
+        run_name: str = "",
+    ):
+        for module in spec.imports:
+            importlib.import_module(module)
+        if set_threads:
+            # Ray leaves workers at 1 intra-op thread unless told; use the CPUs this actor was given.
+            torch.set_num_threads(max(1, int(num_cpus)))
+        self.worker = worker
+        self.device = resolve_device(spec.device, num_gpus, gpu_ids)
+        if self.device.type == "cuda" and 0 < num_gpus < 1:
+            # a fractional GPU is a memory budget: keep this process inside its share
+            torch.cuda.set_per_process_memory_fraction(float(num_gpus), device=torch.cuda.current_device())
+        self.dtype: torch.dtype = getattr(torch, spec.dtype)
+        with _default_dtype(self.dtype), torch.device(self.device):
+            self.problem = spec.problem()
+        _move_problem(self.problem, self.device, self.dtype)
+        self.solver = make(spec.solver, **spec.solver_options)
+        self.stateful = bool(getattr(self.solver, "stateful", False))
+        self.source = spec.source
+        self.states: dict[TaskId, Any] = {}
+        self.incarnation = uuid.uuid4().hex  # changes when the process is restarted: lost state is detectable
+        self._x_id: Any = None
+        self._x: Params | None = None
+        self._bar = None
+        if progress:
+            from ray.experimental import tqdm_ray
+
+            self._bar = tqdm_ray.tqdm(desc=f"metaray {run_name} worker {worker}", total=None)
+
+    # ---- small queries -------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "incarnation": self.incarnation,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "stateful": self.stateful,
+        }
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def get_states(self) -> dict[TaskId, Any]:
+        return {tid: _to_cpu(s) for tid, s in self.states.items()}
+
+    def set_states(self, states: Mapping[TaskId, Any]) -> None:
+        self.states = {tuple(tid): _private(move(s, self.device, self.dtype)) for tid, s in states.items()}
+
+    def update_states(self, states: Mapping[TaskId, Any], drop: list[TaskId]) -> None:
+        """Puts back the given task states and forgets ``drop`` (rolling back a failed step)."""
+        for tid in drop:
+            self.states.pop(tuple(tid), None)
+        self.states.update({tuple(tid): _private(move(s, self.device, self.dtype)) for tid, s in states.items()})
+
+    # ---- x -----------------------------------------------------------------------------------------------
+
+    def set_x(self, x: Mapping[str, Any], x_id: Any = None) -> Params:
+        """x on this worker's device and dtype, converted once per outer step (``x_id`` names the step's x)."""
+        if x_id is not None and x_id == self._x_id and self._x is not None:
+            return self._x
+        # A private copy: tensors that come out of the object store are read-only shared memory, and a solver
+        # must be free to build on x without ever touching the driver's copy.
+        self._x = {
+            k: (v.to(self.device, self.dtype, copy=True) if isinstance(v, Tensor)
+                else torch.tensor(v, device=self.device, dtype=self.dtype))
+            for k, v in x.items()
+        }
+        self._x_id = x_id
+        return self._x
+
+    # ---- one task ----------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        x: Params,
+        key: Any,
+        mode: str = "train",
+        *,
+        restore: tuple | None = None,
+        expect_state: bool = False,
+        commit: bool = True,
+        snapshot: bool = False,
+    ) -> dict[str, Any]:
+        """One task's hypergradient (mode "train") or evaluation (mode "eval") at x.
+
+        restore:      (state,) to start this task from (a snapshot the driver holds), instead of local state
+        expect_state: the driver knows this task has state; if this worker has none (it was restarted) and no
+                      restore is given, answer ``{"error": "state_lost"}`` rather than silently starting over
+        commit:       keep the new state here (False for a straggler's backup run on a non-owner)
+        snapshot:     return the new state (CPU) so the driver can keep a copy
+        Non-finite losses or hypergradients answer ``{"error": "nonfinite", ...}``; no state is kept.
+        """
+        t0 = time.perf_counter()
+        tid = task_id(key)
+        state = None
+        if self.stateful:
+            if restore is not None:
+                state = _private(move(restore[0], self.device, self.dtype))
+            elif tid in self.states:
+                state = self.states[tid]
+            elif expect_state and mode == "train":
+                return {"key": key, "error": "state_lost", "worker": self.worker, "incarnation": self.incarnation}
+        task = move(self.source.sample(key), self.device, self.dtype)
+        try:
+            if mode == "train":
+                hg = self.solver.hypergrad(self.problem, x, task, state)
+                check_grad_finite(hg.grad, "hypergradient", key)
+            else:
+                hg = self.solver.evaluate(self.problem, x, task, state)
+            for name in ("outer_loss", "inner_loss"):
+                if not torch.isfinite(torch.tensor(float(getattr(hg, name)))):
+                    raise NonFiniteError(f"{name} is not finite ({getattr(hg, name)})", where=name, task=key)
+        except NonFiniteError as e:
+            return {
+                "key": key,
+                "error": "nonfinite",
+                "message": str(e),
+                "where": e.where,
+                "worker": self.worker,
+                "incarnation": self.incarnation,
+            }
+        if self.stateful and mode == "train" and commit:
+            self.states[tid] = hg.state
+        if self._bar is not None:
+            self._bar.update(1)
+        return {
+            "key": key,
+            "error": None,
+            "grad": _to_cpu(hg.grad) if mode == "train" else None,
+            "outer_loss": float(hg.outer_loss),
+            "inner_loss": float(hg.inner_loss),
+            "metrics": {k: float(v) for k, v in (hg.metrics or {}).items() if isinstance(v, (int, float, Tensor))},
+            "state": (_to_cpu(hg.state),) if (snapshot and self.stateful and mode == "train") else None,
+            "seconds": time.perf_counter() - t0,
+            "worker": self.worker,
+            "incarnation": self.incarnation,
+        }
+
+
+class RayInnerLearner(InnerLearner):
+    """The actor body: resolves the step's x reference once per step, then runs tasks like InnerLearner."""
+
+    def __init__(self, spec: WorkerSpec | bytes, worker: int, num_cpus: float, num_gpus: float, progress: bool,
+                 run_name: str):
+        import pickle
+        import warnings
+
+        if isinstance(spec, bytes):
+            spec = pickle.loads(spec)
+
+        import ray
+
+        # Results (gradients, states) are detached, contiguous and never written after they are returned: the
+        # condition under which Ray's zero-copy tensor path is safe, so its per-call warning is noise here.
+        warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+        gpu_ids = ray.get_gpu_ids() if num_gpus > 0 else []
+        super().__init__(spec, worker, num_cpus=num_cpus, num_gpus=num_gpus, gpu_ids=gpu_ids, progress=progress,
+                         run_name=run_name)
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def run_ref(self, x_box: tuple, key: Any, mode: str, restore: tuple | None, expect_state: bool, commit: bool,
+                snapshot: bool) -> dict[str, Any]:
+        """``x_box = (ref,)``: a reference nested in a tuple is not resolved by Ray on every call; it is
+        fetched (zero-copy) and converted once per step and per actor."""
+        import ray
+
+        ref = x_box[0]
+        x = self._x if (self._x is not None and self._x_id == ref.hex()) else self.set_x(ray.get(ref), ref.hex())
+        return self.run(x, key, mode, restore=restore, expect_state=expect_state, commit=commit, snapshot=snapshot)
+
+    def receive(self, x_box: tuple) -> int:
+        """Fetches and converts x only (the broadcast benchmark); returns the number of elements received."""
+        import ray
+
+        ref = x_box[0]
+        x = self.set_x(ray.get(ref), ref.hex())
+        return sum(v.numel() for v in x.values())

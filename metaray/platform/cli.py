@@ -1,0 +1,305 @@
+"""The ``metaray`` command line.
+
+    metaray run CONFIG.toml [--set outer.lr=0.01 ...]   train, validate, meta-test; writes a run directory
+    metaray demo                                        the embedded default (local Ray cluster, offline data)
+    metaray eval RUN_DIR [--tasks N]                     meta-test a run's final params
+    metaray resume RUN_DIR                               continue a run from its newest checkpoint
+    metaray solvers                                      solvers with their options and papers
+    metaray datasets                                     problems and offline datasets
+    metaray submit CONFIG.toml [--address URL]           `ray job submit` of `metaray run CONFIG.toml`
+
+Also runnable as ``python -m metaray.platform.cli``. Bad input prints one line saying what is wrong (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Sequence
+
+DEMO_CONFIG = """\
+# metaray demo: MAML on sinusoid regression (Finn et al. 2017, section 5.1), 2 Ray actors, offline data.
+name = "demo-sinusoid-maml"
+
+[problem]
+name = "sinusoid"
+shots = 10
+queries = 10
+
+[solver]
+name = "maml"
+inner_steps = 1
+inner_lr = 0.01
+
+[tasks]
+meta_batch_size = 10
+val_tasks = 100
+test_tasks = 600
+
+[outer]
+optimizer = "adam"
+lr = 0.003
+schedule = "cosine"
+min_lr = 0.0003
+clip_norm = 10.0
+
+[cluster]
+backend = "ray"
+num_workers = 2
+num_cpus_per_worker = 1.0
+
+[run]
+steps = 1200
+seed = 0
+val_every = 200
+checkpoint_every = 200
+output_dir = "runs"
+"""
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"--set takes KEY=VALUE (e.g. outer.lr=0.01), got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    return key.strip(), value
+
+
+def _load(path: str, overrides: Sequence[str]):
+    from .config import load_config
+
+    return load_config(path, dict(_parse_override(o) for o in overrides))
+
+
+def _print_result(result) -> None:
+    s = result.metrics
+    print(f"run directory: {result.run_dir}")
+    if result.test is not None:
+        print(f"meta-test  (meta-learned, {s['solver']}): {result.test}")
+    if result.baseline is not None:
+        print(f"baseline   (no meta-learning, same adaptation from the random init): {result.baseline}")
+    if result.test is not None and result.baseline is not None:
+        better = result.test.mean > result.baseline.mean if s["higher_is_better"] else result.test.mean < result.baseline.mean
+        gap_clear = abs(result.test.mean - result.baseline.mean) > (result.test.ci95 or 0) + (result.baseline.ci95 or 0)
+        verdict = "beats" if better else "does NOT beat"
+        print(f"meta-learning {verdict} the baseline" + (" (confidence intervals do not overlap)" if better and gap_clear else ""))
+    for p in s.get("plots", []):
+        print(f"plot: {Path(result.run_dir) / p}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from .launch import launch
+
+    cfg = _load(args.config, args.set)
+    if args.run_dir:
+        cfg = cfg.replace(**{"run.run_dir": args.run_dir})
+    _print_result(launch(cfg))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import loads_config
+    from .launch import launch
+
+    cfg = loads_config(DEMO_CONFIG)
+    overrides = dict(_parse_override(o) for o in args.set)
+    if args.steps is not None:
+        overrides["run.steps"] = args.steps
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    print(f"metaray demo: {cfg.solver.name} on {cfg.problem.name}, {cfg.run.steps} outer steps, "
+          f"{cfg.cluster.num_workers} {'Ray actors' if cfg.cluster.backend == 'ray' else 'in-process workers'}")
+    _print_result(launch(cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .launch import evaluate
+
+    out = evaluate(args.run_dir, num_tasks=args.tasks, progress=not args.quiet)
+    print(f"{args.run_dir} ({out['params']}): meta-test {out['result']}")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .launch import resume
+
+    _print_result(resume(args.run_dir, steps=args.steps))
+    return 0
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cmd_solvers(args) -> int:
+    from .. import solvers
+
+    rows = []
+    for name in solvers.names():
+        cls = solvers.get(name)
+        opts = ", ".join(f"{o['name']}={o['default']!r}" for o in cls.Options.describe())
+        rows.append([name, opts, cls.paper])
+    if args.json:
+        print(json.dumps([{"name": r[0], "options": solvers.get(r[0]).Options.describe(), "paper": r[2]} for r in rows], indent=2, default=str))
+    else:
+        print(_table(rows, ["solver", "options (defaults)", "paper"]))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .problems import describe_problems
+
+    print(_table([[r["name"], r["description"]] for r in describe_problems()], ["problem", "description"]))
+    try:
+        from ..tasks import registry  # type: ignore[attr-defined]
+    except ImportError:
+        return 0
+    described = registry.describe_datasets()
+    rows = []
+    for d in described:
+        d = d if isinstance(d, dict) else vars(d)
+        rows.append([str(d.get(k, "")) for k in ("name", "classes", "samples", "source")])
+    if rows:
+        print()
+        print(_table(rows, ["dataset", "classes", "samples", "where the data comes from"]))
+    return 0
+
+
+def submit_command(args) -> tuple[list[str], dict[str, str]]:
+    """The `ray job submit` command line and environment for ``metaray submit``."""
+    working_dir = Path(args.working_dir).resolve()
+    config = Path(args.config).resolve()
+    if not config.is_file():
+        raise ValueError(f"config file {args.config!r} does not exist")
+    try:
+        config_rel = config.relative_to(working_dir)
+    except ValueError:
+        raise ValueError(f"the config {config} must be inside the working dir {working_dir} (it is uploaded with it)") from None
+    _load(str(config), args.set)  # fail here, not on the cluster
+    runtime_env = {"working_dir": str(working_dir), "excludes": ["runs/", ".venv/", ".git/", "*.pt"]}
+    if args.runtime_env_json:
+        try:
+            extra = json.loads(args.runtime_env_json)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--runtime-env-json is not valid JSON: {e}") from None
+        if not isinstance(extra, dict):
+            raise ValueError("--runtime-env-json must be a JSON object")
+        runtime_env.update(extra)
+        runtime_env["working_dir"] = str(working_dir)
+    ray_exe = shutil.which("ray", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if ray_exe is None:
+        raise ValueError("the `ray` command is not installed (pip install 'ray[default]')")
+    address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    cmd = [ray_exe, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env)]
+    if args.job_id:
+        cmd += ["--submission-id", args.job_id]
+    if args.no_wait:
+        cmd.append("--no-wait")
+    entry = [args.python, "-m", "metaray.platform.cli", "run", str(config_rel)]
+    for o in args.set:
+        entry += ["--set", o]
+    cmd += ["--", *entry]
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"  # token auth stays on: the job CLI sends ~/.ray/auth_token
+    return cmd, env
+
+
+def cmd_submit(args) -> int:
+    cmd, env = submit_command(args)
+    print("$ " + " ".join(cmd[:4] + ["..."] + cmd[cmd.index("--"):]), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metaray", description="Ray-distributed gradient-based bilevel optimization.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run an experiment from a TOML config")
+    r.add_argument("config")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    r.add_argument("--run-dir", help="exact run directory")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="the embedded default: MAML on a local Ray cluster with offline data")
+    d.add_argument("--steps", type=int, help="outer steps (default from the embedded config)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--print-config", action="store_true", help="print the embedded config and exit")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="meta-test a run's final params")
+    e.add_argument("run_dir")
+    e.add_argument("--tasks", type=int, help="test tasks (default: the run's tasks.test_tasks)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    rs = sub.add_parser("resume", help="continue a run from its newest checkpoint")
+    rs.add_argument("run_dir")
+    rs.add_argument("--steps", type=int, help="train to this many steps in total (default: the run's run.steps)")
+    rs.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser("solvers", help="list solvers, their options and papers")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_solvers)
+
+    ds = sub.add_parser("datasets", help="list problems and offline datasets")
+    ds.set_defaults(func=cmd_datasets)
+
+    sb = sub.add_parser("submit", help="submit `metaray run CONFIG` as a Ray job (token auth on)")
+    sb.add_argument("config")
+    sb.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    sb.add_argument("--working-dir", default=".", help="directory uploaded with the job (must contain the config)")
+    sb.add_argument("--runtime-env-json", help="extra runtime env (JSON), merged into the forwarded one")
+    sb.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
+    sb.add_argument("--job-id", help="submission id")
+    sb.add_argument("--no-wait", action="store_true", help="return after submitting")
+    sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sb.set_defaults(func=cmd_submit)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "print_config", False):
+        print(DEMO_CONFIG, end="")
+        return 0
+    from ..solvers.core import NonFiniteError
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except Exception:
+        if os.environ.get("METARAY_DEBUG"):
+            raise
+        try:
+            raise
+        except NonFiniteError as e:
+            print(f"metaray {args.command}: stopped: {e}", file=sys.stderr)
+            return 1
+        except (ConfigError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+            print(f"metaray {args.command}: error: {e} (set METARAY_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""WorkerPool on a real local Ray cluster (one per module, 3 CPUs): the same numbers whatever the number of
+actors, faults (killed actor, straggler, non-finite task), checkpoints, metrics on the export port, placement
+errors. References are the in-process pool, which test_cluster_local checks against a plain solver loop."""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from metaray.cluster import (
+    ClusterConfig,
+    InProcessPool,
+    NonFiniteStepError,
+    PlacementTimeoutError,
+    WorkerPool,
+    WorkerSpec,
+)
+from metaray.tasks import ModelProblem, QuadraticProblem, SinusoidSource, mlp
+
+from cluster_helpers import PoisonedSource, QuadraticSource, SlowSource, StragglerSource
+
+HERE = Path(__file__).resolve().parent
+HELPERS = ("cluster_helpers",)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def metrics_port():
+    port = _free_port()
+    ray.init(
+        address="local",  # never join another cluster running on this machine
+        num_cpus=3,
+        include_dashboard=False,
+        _metrics_export_port=port,
+        _system_config={"metrics_report_interval_ms": 500},
+        runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}},  # workers import cluster_helpers
+        log_to_driver=False,
+    )
+    yield port
+    ray.shutdown()
+
+
+def sine_spec(source=None) -> WorkerSpec:
+    torch.manual_seed(0)
+    return WorkerSpec(
+        problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"),
+        solver="maml",
+        solver_options={"inner_steps": 2, "inner_lr": 0.01},
+        source=source or SinusoidSource(dtype=torch.float64),
+        dtype="float64",
+        imports=HELPERS,
+    )
+
+
+def fsla_spec(source=None) -> WorkerSpec:
+    return WorkerSpec(problem=QuadraticProblem, solver="fsla", solver_options={"inner_lr": 0.2, "beta": 0.2, "eta": 0.5},
+                      source=source or QuadraticSource(), dtype="float64", imports=HELPERS)
+
+
+def sine_x0() -> dict:
+    torch.manual_seed(0)
+    return {k: v.detach().double() for k, v in mlp([1, 40, 40, 1]).named_parameters()}
+
+
+def fsla_x0() -> dict:
+    return {"x": torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)}
+
+
+def train(pool, x0, steps, tasks=6, lr=0.01, first=0, on_step=None):
+    x = {k: v.clone() for k, v in x0.items()}
+    results = []
+    for s in range(first, first + steps):
+        if on_step:
+            on_step(s)
+        r = pool.step(x, [("train", s, i) for i in range(tasks)])
+        x = {k: x[k] - lr * r.grad[k] for k in x}
+        results.append(r)
+    return x, results
+
+
+def rel(a: dict, b: dict) -> float:
+    num = sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
+    return num / sum(float(b[k].norm()) ** 2 for k in b) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def references():
+    out = {}
+    with InProcessPool(sine_spec()) as p:
+        out["maml"] = train(p, sine_x0(), 3)[0]
+    with InProcessPool(fsla_spec()) as p:
+        out["fsla"] = train(p, fsla_x0(), 4, lr=0.1)[0]
+    return out
+
+
+@pytest.mark.parametrize("solver", ["maml", "fsla"])
+def test_one_two_three_actors_give_the_same_outer_params(metrics_port, references, solver):
+    spec, x0, steps, lr = (sine_spec(), sine_x0(), 3, 0.01) if solver == "maml" else (fsla_spec(), fsla_x0(), 4, 0.1)
+    ref = references[solver]
+    assert rel(ref, x0) > 1e-4  # training moved x, so equality below means something
+    # the three pools side by side (half a CPU per actor: 3 CPUs), started concurrently
+    with ThreadPoolExecutor(3) as ex:
+        pools = dict(zip((1, 2, 3), ex.map(
+            lambda n: WorkerPool(spec, ClusterConfig(num_workers=n, num_cpus_per_worker=0.5, metrics=False),
+                                 f"eq-{solver}-{n}"), (1, 2, 3))))
+    try:
+        for n, pool in pools.items():
+            x, results = train(pool, x0, steps, lr=lr)
+            last = results[-1]
+            assert rel(x, ref) < 1e-6, (solver, n, rel(x, ref))
+            assert sorted(last.per_worker) == list(range(n))
+            assert [t["worker"] for t in last.per_task] == [i % n for i in range(6)]
+            assert last.restarts == 0 and last.retries == 0
+        if solver == "fsla":
+            # a checkpoint moves between pool sizes: each task's state goes to its new owner
+            pools[1].shutdown(), pools[2].shutdown()  # make room
+            fresh = WorkerPool(spec, ClusterConfig(num_workers=2, num_cpus_per_worker=0.5, metrics=False), "ckpt")
+            pools[0] = fresh
+            x, _ = train(fresh, x0, 2, lr=lr)
+            state = fresh.state_dict()
+            assert sorted(state["tasks"]) == [("train", i) for i in range(6)] and state["steps"] == 2
+            pools[3].load_state_dict(state)
+            x, _ = train(pools[3], x, 2, lr=lr, first=2)
+            assert rel(x, ref) < 1e-6
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+
+
+def test_killed_actor_mid_step_is_restarted_and_the_run_finishes_identically(metrics_port, references):
+    spec = fsla_spec(SlowSource(QuadraticSource(), delay=0.25))  # stateful: exercises the state restore too
+    with WorkerPool(spec, ClusterConfig(num_workers=2, metrics=False), "fault") as pool:
+        pid = pool.worker_pids()[1]
+
+        def on_step(s):
+            if s == 2:  # kill worker 1 while it computes its first task of step 2
+                threading.Timer(0.15, os.kill, (pid, signal.SIGKILL)).start()
+
+        x, results = train(pool, fsla_x0(), 4, lr=0.1, on_step=on_step)
+        assert pool.worker_pids()[1] != pid
+    assert rel(x, references["fsla"]) < 1e-6
+    assert sum(r.restarts for r in results) == 1
+    assert results[2].restarts == 1 and results[2].retries >= 1
+    assert any("worker 1" in e for e in results[2].events)
+
+
+def test_straggler_past_the_deadline_is_re_dispatched(metrics_port, references, tmp_path):
+    pid_file = tmp_path / "slow_pid"
+    spec = sine_spec(StragglerSource(SinusoidSource(dtype=torch.float64), ("train", 1, 3), str(pid_file)))
+    with WorkerPool(spec, ClusterConfig(num_workers=2, step_timeout_s=2.0, metrics=False), "straggler") as pool:
+        pid_file.write_text(str(pool.worker_pids()[1]))  # task 3 of step 1 belongs to worker 1: make it hang
+        t0 = time.perf_counter()
+        x, results = train(pool, sine_x0(), 3)
+        assert time.perf_counter() - t0 < 15  # did not wait for the 20 s straggler
+    assert rel(x, references["maml"]) < 1e-6
+    # task 3 hangs on worker 1 and task 5 is queued behind it there: both are re-dispatched to worker 0
+    assert results[1].retries == 2
+    assert [t["worker"] for t in results[1].per_task] == [0, 1, 0, 0, 0, 0]
+    assert any("step_timeout_s" in e for e in results[1].events)
+
+
+def test_non_finite_hypergradient_fails_the_step_cleanly(metrics_port):
+    spec = sine_spec(PoisonedSource(SinusoidSource(dtype=torch.float64), bad=((1, 4),)))
+    x0 = sine_x0()
+    with WorkerPool(spec, ClusterConfig(num_workers=2, metrics=False), "nan") as pool:
+        pool.step(x0, [("train", 0, i) for i in range(6)])
+        with pytest.warns(RuntimeWarning, match="retrying once"):
+            with pytest.raises(NonFiniteStepError, match=r"task \('train', 1, 4\) on worker 0.*step abandoned"):
+                pool.step(x0, [("train", 1, i) for i in range(6)])
+        # the pool is still usable, and x0 was never written
+        r = pool.step(x0, [("train", 2, i) for i in range(6)])
+        assert torch.isfinite(r.grad["0.weight"]).all()
+    assert all(torch.equal(v, sine_x0()[k]) for k, v in x0.items())
+
+
+def test_metrics_reach_the_export_port(metrics_port):
+    with WorkerPool(sine_spec(), ClusterConfig(num_workers=2, metrics=True), "metrics") as pool:
+        _, results = train(pool, sine_x0(), 2)
+        ev = pool.evaluate(sine_x0(), [("val", 0, i) for i in range(4)])
+    last = results[-1]
+    assert ev.grad["0.weight"].abs().max() == 0 and ev.outer_loss > 0
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("ray_metaray_") and 'run="metrics"' in line:
+                name = line.split("{")[0]
+                labels = line[line.index("{"): line.index("}") + 1]
+                worker = labels.split('worker="')[1].split('"')[0] if 'worker="' in labels else ""
+                out[name + (f"[{worker}]" if worker else "")] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    deadline, seen = time.time() + 20, {}
+    while time.time() < deadline:
+        seen = scrape()
+        if seen.get("ray_metaray_tasks_total") == 16 and "ray_metaray_inner_loss[1]" in seen:
+            break
+        time.sleep(0.5)
+    assert seen.get("ray_metaray_outer_loss") == pytest.approx(last.outer_loss, rel=1e-6), seen
+    assert seen["ray_metaray_hypergrad_norm"] == pytest.approx(last.metrics["pool_hypergrad_norm"], rel=1e-6)
+    assert seen["ray_metaray_inner_loss[1]"] == pytest.approx(ev.per_worker[1]["inner_loss"], rel=1e-6)
+    assert seen["ray_metaray_tasks_total"] == 16  # 2 steps x 6 + 4 evaluation tasks
+    assert seen["ray_metaray_steps_total"] == 2
+    assert seen["ray_metaray_step_seconds_count"] == 3
+    assert 0 < seen["ray_metaray_tasks_per_second"] < 1e5
+
+
+def test_named_actors_one_cpu_thread_each(metrics_port):
+    with WorkerPool(sine_spec(), ClusterConfig(num_workers=2, metrics=False), "names") as pool:
+        assert {i["threads"] for i in pool.worker_info.values()} == {1}
+        assert {i["device"] for i in pool.worker_info.values()} == {"cpu"}
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        assert {"metaray-names-inner-0", "metaray-names-inner-1"} <= names
+
+
+@pytest.mark.parametrize("config", [
+    ClusterConfig(num_workers=2, num_cpus_per_worker=8, placement_timeout_s=1.0),
+    ClusterConfig(num_workers=2, strategy="STRICT_SPREAD", placement_timeout_s=1.0),  # one node only
+])
+def test_placement_that_cannot_fit_fails_clearly(metrics_port, config):
+    with pytest.raises(PlacementTimeoutError, match=rf"could not place 2 workers.*{config.strategy}.*1 node"):
+        WorkerPool(sine_spec(), config, "noplace")
+    assert ray.util.placement_group_table()  # the group was removed, not left pending
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())

@@ -1,0 +1,88 @@
+"""Soak: many outer steps with 2 actors on a tiny problem; object-store memory, driver RSS and the driver's live
+object references must stay flat. Slow (``pytest -m slow tests/reliability/test_soak.py -s``); the step count is
+``METARAY_SOAK_STEPS`` (default 2000; ``METARAY_SOAK_METRICS=0`` turns the metrics export off). The numbers are printed and, if ``METARAY_SOAK_REPORT`` names a file,
+written there as JSON."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import faultkit as K
+from metaray.cluster import ClusterConfig, InProcessPool, WorkerPool
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys against xs."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def live_refs(ray) -> int:
+    return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
+
+
+def object_store_used(ray) -> float:
+    total = ray.cluster_resources().get("object_store_memory", 0.0)
+    return total - ray.available_resources().get("object_store_memory", total)
+
+
+def soak(ray, steps: int, sample_every: int = 50, metrics: bool = True) -> dict:
+    samples = []
+    with WorkerPool(K.spec(), ClusterConfig(num_workers=2, metrics=metrics), "rel-soak") as pool:
+        x = K.x0()
+        t0 = time.perf_counter()
+        for s in range(steps):
+            r = pool.step(x, K.keys(s))
+            x = K.sgd(x, r.grad, lr=0.01)
+            if s % sample_every == 0 or s == steps - 1:
+                gc.collect()
+                samples.append({"step": s, "rss": K.rss_bytes(), "store": object_store_used(ray), "refs": live_refs(ray),
+                                "worker_rss": [K.rss_bytes(p) for p in pool.pids]})
+        seconds = time.perf_counter() - t0
+    half = [p for p in samples if p["step"] >= steps // 4]  # after warm-up
+    steps_ = [p["step"] for p in half]
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "steps_per_second": steps / seconds,
+        "rss_start_mb": samples[0]["rss"] / 2**20,
+        "rss_end_mb": samples[-1]["rss"] / 2**20,
+        "rss_slope_bytes_per_step": slope(steps_, [p["rss"] for p in half]),
+        "worker_rss_slope_bytes_per_step": [slope(steps_, [p["worker_rss"][w] for p in half]) for w in range(2)],
+        "store_used_start_bytes": samples[0]["store"],
+        "store_used_end_bytes": samples[-1]["store"],
+        "store_slope_bytes_per_step": slope(steps_, [p["store"] for p in half]),
+        "refs_start": samples[0]["refs"],
+        "refs_end": samples[-1]["refs"],
+        "refs_max": max(p["refs"] for p in samples),
+        "final_x": x["x"].tolist(),
+        "samples": len(samples),
+        "metrics_export": metrics,
+    }
+
+
+@pytest.mark.slow
+def test_soak_memory_and_refs_stay_flat(ray_local):
+    steps = int(os.environ.get("METARAY_SOAK_STEPS", "2000"))
+    out = soak(ray_local, steps, metrics=os.environ.get("METARAY_SOAK_METRICS", "1") != "0")
+    print("\n[soak] " + json.dumps({k: v for k, v in out.items() if k != "final_x"}, indent=1))
+    if os.environ.get("METARAY_SOAK_REPORT"):
+        with open(os.environ["METARAY_SOAK_REPORT"], "w") as f:
+            json.dump(out, f, indent=1)
+    # the same 2,000 steps in-process give the same x (nothing drifted over the long run)
+    x = K.x0()
+    ref = InProcessPool(K.spec())
+    for s in range(steps):
+        x = K.sgd(x, ref.step(x, K.keys(s)).grad, lr=0.01)
+    assert out["final_x"] == x["x"].tolist()
+    assert abs(out["rss_slope_bytes_per_step"]) < 2048, out          # < 4 MB over 2,000 steps
+    assert abs(out["store_slope_bytes_per_step"]) < 256, out
+    assert out["refs_end"] <= out["refs_start"] + 4, out               # no refs pile up in the driver

@@ -1,0 +1,48 @@
+"""Keeps the benchmark suite alive in CI: the accuracy benchmark at its smallest size, checked against numbers
+that could be wrong (rad's hypergradient equals the exact derivative of the T-step unroll; errors fall with T;
+BDA reaches the optimistic gradient where rad stalls), and the page renderer with a section that did not run."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import accuracy  # noqa: E402
+import run_all  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def section(tmp_path_factory):
+    img = tmp_path_factory.mktemp("img")
+    return accuracy.build(quick=True, img_dir=img), img
+
+
+def test_accuracy_numbers_are_exact_where_they_must_be(section):
+    sec, _ = section
+    q = sec["data"]["quadratic"]
+    assert max(q["unroll_exact"]) < 1e-12  # rad and maml vs the closed-form T-step derivative
+    rad = q["curves"]["rad"]
+    assert rad[-1] < 1e-3 < rad[0]  # converges to the implicit hypergradient as T grows (T = 1 … 100)
+    assert q["k_curves"]["ift-cg"][-1] < 1e-8  # 8 CG steps on an 8-dim SPD system are exact
+    assert q["fsla"][-1] < 1e-2 < q["fsla"][0]
+    assert not q["notes"], q["notes"]
+    bda = sec["data"]["bda_toy"]["curves"]
+    assert bda["rad (s=0.5)"][-1] > 0.99 and min(bda["bda (ρ₀=0.9, s_l=0.5, s_u=1)"]) < 0.1  # rad stalls, BDA does not
+
+
+def test_page_renders_sections_plots_and_not_run_reasons(section):
+    sec, img = section
+    json.dumps(sec, default=float)
+    assert (img / "accuracy_quadratic_T.png").stat().st_size > 1000
+    results = {"accuracy": {"section": sec, "kind": "json"},
+               "peers": {"error": "not run: .venv-bench missing", "kind": "json"}}
+    info = {"cpu": "test cpu", "cores": 2, "cuda": False}
+    page = run_all.render(results, info, True, "now", 1.0, ("0", "0"), "img")
+    assert "## Hypergradient accuracy" in page and "not run: .venv-bench missing" in page
+    assert "not run: no GPU in this session" in page
+    assert "](img/accuracy_quadratic_T.png)" in page
