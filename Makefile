@@ -18,8 +18,11 @@ test: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not gpu or gpu"
 
+# The peers (higher, torchopt, boat-torch, learn2learn) get their own .venv-bench; see tools/setup_bench_env.sh.
+# `make bench BENCH_ARGS=--quick` checks the results page builds in a few minutes.
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py
+	bash tools/setup_bench_env.sh
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) .venv-bench build

@@ -105,3 +105,16 @@ def add_common_args(ap) -> None:
     ap.add_argument("--json", default=None, help="write the section JSON here (default: stdout)")
     ap.add_argument("--img-dir", default=str(ROOT / "docs" / "img"), help="where PNG plots go")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def section_main(doc: str, build: Callable[[bool, Path], dict], argv: list[str] | None = None) -> None:
+    """The command line of a JSON benchmark whose ``build(quick, img_dir)`` takes no other arguments."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    write_section(args.json, build(args.quick, Path(args.img_dir)))

@@ -18,13 +18,12 @@ hyper-parameters; here they are fixed (listed in the table), so this is one sett
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
-from common import add_common_args, attempt, line_plot, rel_err, table, write_section  # noqa: I001
+from common import attempt, line_plot, rel_err, section_main, table  # noqa: I001
 
 import metaray.solvers as S
 from metaray.tasks import HyperCleaningProblem, LeastSquaresBilevel, digits_split, least_squares_task
@@ -159,11 +158,7 @@ def build(quick: bool, img_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(ap)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    write_section(args.json, build(args.quick, Path(args.img_dir)))
+    section_main(__doc__, build, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Worker pools: one outer step = per-task hypergradients from the inner learners, aggregated.
 
-``WorkerPool`` runs the inner learners as named Ray actors (``metaray-<run>-inner-<i>``) in a placement
-group; ``InProcessPool`` runs the same ``InnerLearner`` code in the calling process (the reference for tests
-and the baseline that measures Ray's overhead). Both have the same interface and give the same numbers.
+``WorkerPool`` runs the inner learners as named Ray actors (``metaray-<run>-inner-<i>``; ``-r<n>`` appended for
+the n-th replacement of one that died for good) in a placement group; ``InProcessPool`` runs the same
+``InnerLearner`` code in the calling process (the reference for tests and the baseline that measures Ray's
+overhead). Both have the same interface and give the same numbers.
 
 One outer step (``step``):
 1. x is put in the object store once, as NumPy arrays (zero-copy reads on every actor of the node); each
@@ -25,6 +26,7 @@ retried into every restart):
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 import warnings
@@ -42,6 +44,7 @@ from .worker import InnerLearner, TaskId, owner, task_id
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+LOOPBACK = "127.0.0.1"  # the node IP of a local cluster started by init_ray
 
 
 class PoolError(RuntimeError):
@@ -396,9 +399,16 @@ def _actor_class():
 def init_ray(address: str | None = None) -> bool:
     """Connects to Ray unless already connected; returns whether this call did it.
 
-    address None: Ray's own rule — RAY_ADDRESS (set by ``ray job submit``), else the latest cluster started on
-    this machine, else a new local cluster, whose dashboard binds to 127.0.0.1. Ray's token authentication
-    stays on (its default).
+    address None: the cluster named by ``RAY_ADDRESS`` if that is set (``ray job submit`` sets it for its
+    driver), else a new local cluster of our own. Never Ray's own fallback to "the latest cluster started on
+    this machine" (``/tmp/ray/ray_current_cluster``): that file outlives crashed clusters, and ``ray.init``
+    retries a dead one's GCS for minutes. address "local": a new local cluster; any other address (``"auto"``,
+    ``"host:6379"``, ``"ray://..."``): passed to ``ray.init`` as given.
+
+    A local cluster started here is loopback-only: node IP 127.0.0.1, so its GCS, its dashboard and its
+    Prometheus metrics export (which Ray binds to 0.0.0.0, without a token, unless the node IP is a loopback
+    address) listen on 127.0.0.1 only; no other machine can join it. Ray's token authentication stays on (its
+    default).
     """
     import ray
 
@@ -406,8 +416,31 @@ def init_ray(address: str | None = None) -> bool:
         return False
     # No job-level runtime_env here: under `ray job submit` the job's own applies; each actor gets the zero-copy
     # flag through its own runtime_env (pool.py, _start_actor).
-    ray.init(address=address, dashboard_host="127.0.0.1")
+    env_address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address is None and env_address and env_address != "local":
+        ray.init(dashboard_host="127.0.0.1")  # Ray reads RAY_ADDRESS itself (and keeps its rules for it)
+    elif address is None or address == "local":
+        _start_local_ray(ray)
+    else:
+        ray.init(address=address, dashboard_host="127.0.0.1")
     return True
+
+
+def _start_local_ray(ray) -> None:
+    """``ray.init(address="local")`` on the loopback interface only.
+
+    Ray turns a loopback ``_node_ip_address`` into the machine's routable IP unless its constant
+    ``ENABLE_RAY_CLUSTER`` is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once when Ray is imported); it is
+    switched off only for the duration of this call, which is when the node's IP is decided.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", dashboard_host="127.0.0.1", _node_ip_address=LOOPBACK)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 @dataclass
@@ -490,7 +523,11 @@ class WorkerPool(_PoolBase):
         return pg
 
     def _actor_name(self, i: int) -> str:
-        return f"metaray-{self.run_name}-inner-{i}"
+        """``metaray-<run>-inner-<i>``; a replacement of an actor that died for good gets ``-r<n>`` appended (its
+        n-th replacement): Ray releases a dead actor's name only some time after reporting it dead, so reusing the
+        name at once could fail with "already exists"."""
+        n = self._replacements[i]
+        return f"metaray-{self.run_name}-inner-{i}" + (f"-r{n}" if n else "")
 
     def _start_actor(self, i: int):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -556,8 +593,9 @@ class WorkerPool(_PoolBase):
                         f"worker {w} ({self._actor_name(w)}) died and was already replaced {self._replacements[w]} "
                         "times; giving up (see the Ray logs of that actor for why it dies)"
                     ) from None
-                self._replacements[w] += 1
-                self._events.append(f"worker {w} is dead for good: replaced")
+                dead = self._actor_name(w)
+                self._replacements[w] += 1  # a fresh name: the dead actor's may not be released yet
+                self._events.append(f"worker {w} is dead for good: replaced ({dead} -> {self._actor_name(w)})")
                 self._actors[w] = self._start_actor(w)
             except ray.exceptions.GetTimeoutError:
                 pass

@@ -33,6 +33,7 @@ valid. ``to_dict()`` gives the resolved config (every default filled in), saved 
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import math
 import tomllib
@@ -374,13 +375,22 @@ def loads_config(text: str) -> ExperimentConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"'}
+
+
+def _toml_key(k: str) -> str:
+    """A bare key where TOML allows one, else a quoted key."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # TOML basic strings: backslash and quote escaped, control characters as \uXXXX (tab is allowed as is)
+        return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if (ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F else c) for c in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} ({type(v).__name__}) as TOML")
@@ -393,14 +403,14 @@ def dumps_toml(data: Mapping[str, Any]) -> str:
         if isinstance(v, Mapping):
             tables.append((k, v))
         elif v is not None:  # TOML has no null: a missing key means the default (None)
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
     for name, table in tables:
-        lines.append(f"\n[{name}]")
+        lines.append(f"\n[{_toml_key(name)}]")
         for k, v in table.items():
             if v is None:
-                lines.append(f"# {k} = (none)")
+                lines.append(f"# {_toml_key(k)} = (none)")
             elif isinstance(v, Mapping):
-                lines.append(f"{k} = {{ " + ", ".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()) + " }")
+                lines.append(f"{_toml_key(k)} = {{ " + ", ".join(f"{_toml_key(kk)} = {_toml_value(vv)}" for kk, vv in v.items()) + " }")
             else:
-                lines.append(f"{k} = {_toml_value(v)}")
+                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ built-ins that need nothing but the core tasks module: ``sinusoid`` (Finn et al.
 from __future__ import annotations
 
 import difflib
+import math
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -106,7 +107,28 @@ def _options(problem: str, given: Mapping[str, Any], defaults: Mapping[str, Any]
         close = difflib.get_close_matches(k, list(defaults), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown option {k!r} for problem {problem!r}{hint}; valid options: {', '.join(defaults)}")
+    for k, v in given.items():
+        _check_option_type(problem, k, v, defaults[k])
     return {**defaults, **given}
+
+
+def _check_option_type(problem: str, key: str, value: Any, default: Any) -> None:
+    """An option takes the type of its default (an int where the default is an int, a number where it is a
+    float); numbers must be finite. Checked at config load, so `shots = nan` fails before any cluster starts."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"option {key!r} of problem {problem!r} must be finite, got {value}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    expected, ok = None, True
+    if isinstance(default, bool):
+        expected, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        expected, ok = "an integer", number and isinstance(value, int)
+    elif isinstance(default, float):
+        expected, ok = "a number", number
+    elif isinstance(default, str):
+        expected, ok = "a string", isinstance(value, str)
+    if not ok:
+        raise ValueError(f"option {key!r} of problem {problem!r} must be {expected} (default {default!r}), got {value!r}")
 
 
 BUILTINS: dict[str, tuple[Callable[[Mapping[str, Any], int, str], ProblemSetup], str, Mapping[str, Any]]] = {

@@ -127,6 +127,10 @@ def check_params(params: Any, what: str) -> Params:
             raise TypeError(f"{what}[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
         if not v.is_floating_point():
             raise TypeError(f"{what}[{k!r}] must be a floating-point tensor, got dtype {v.dtype}")
+        # A NaN/Inf entry can hide behind finite losses (a -inf bias before a ReLU) and would survive into the
+        # outer update, so it is refused here, naming the param.
+        if not bool(torch.isfinite(v.detach()).all()):
+            raise ValueError(f"{what}[{k!r}] has non-finite entries (NaN or Inf); params must be finite")
     return dict(params)
 
 

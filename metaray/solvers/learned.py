@@ -265,6 +265,8 @@ class L2OOptions(SolverOptions):
     grad_clip: float | None = option(None, "clip the meta-gradient's global norm to this value (None: off)", positive)
 
     def validate(self) -> None:
+        if not isinstance(self.betas, (tuple, list)):
+            raise TypeError(f"option 'betas' must be a tuple of numbers in [0, 1), got {type(self.betas).__name__} {self.betas!r}")
         if not self.betas or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"option 'betas' must be a non-empty tuple of numbers in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))

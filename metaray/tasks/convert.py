@@ -162,11 +162,52 @@ def from_omniglot(root: str | os.PathLike, out: str | os.PathLike, *, size: int 
     )
 
 
+# The only globals the datasets' pickles need: NumPy arrays, dtypes and scalars (NumPy 1.x and 2.x module
+# paths), plus the few builtins Python 2/3 pickles name for plain containers and bytes. Anything else (os.system,
+# eval, subprocess, ...) is refused before it is looked up, so a swapped or crafted file cannot run code.
+_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    *((m, n) for m in ("builtins", "__builtin__") for n in ("set", "frozenset", "bytearray", "complex")),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 carry bytes
+})
+
+
+class _RefusedGlobal(Exception):
+    """A global (or persistent id) outside ``_PICKLE_GLOBALS``: raised as a DatasetError by ``_unpickle``."""
+
+
+class _DatasetUnpickler(pickle.Unpickler):
+    """An Unpickler that resolves only ``_PICKLE_GLOBALS``: containers, strings, numbers, bytes and NumPy arrays."""
+
+    def __init__(self, file):
+        # latin1: Python 2 pickles (CIFAR-100's) hold str keys and raw array bytes as 8-bit strings
+        super().__init__(file, encoding="latin1")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise _RefusedGlobal(f"global {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _RefusedGlobal(f"persistent id {pid!r}")
+
+
 def _unpickle(path: Path) -> Any:
+    """Loads a dataset pickle with ``_DatasetUnpickler`` (never plain pickle.load: the file may not be what it
+    claims to be)."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
+            return _DatasetUnpickler(f).load()
+    except _RefusedGlobal as e:
+        raise DatasetError(
+            f"{path}: refused to unpickle: the file references {e}, which a dataset pickle never needs (only "
+            "containers, strings, numbers and NumPy arrays are allowed); the file may have been tampered with"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, TypeError, IndexError,
+            KeyError) as e:
         raise DatasetError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 

@@ -11,8 +11,17 @@ from torch import Tensor, nn
 from ..solvers.core import BilevelProblem, Params
 from .episodes import Episode
 
+def mse(out: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error. Written out rather than ``F.mse_loss``, whose backward produces ZeroTensors that
+    forward-over-reverse AD (``torch.func.jvp`` of a gradient, as in ``fad``) cannot use; and strict about
+    shapes, where ``F.mse_loss`` only warns before broadcasting (n, 1) against (n,) into wrong numbers."""
+    if out.shape != target.shape:
+        raise ValueError(f"mse: model output has shape {tuple(out.shape)}, targets have {tuple(target.shape)}")
+    return (out - target).square().mean()
+
+
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "mse": Fn.mse_loss,
+    "mse": mse,
     "cross_entropy": Fn.cross_entropy,
 }
 
@@ -41,6 +50,7 @@ class ModelProblem(BilevelProblem):
         self.loss_name = loss
         self.loss = LOSSES[loss]
         self.param_names = [k for k, _ in model.named_parameters()]
+        self._shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
         self.buffers = dict(model.named_buffers())
         # functional_call's weight-tying bookkeeping costs ~2% of a MAML step on conv4; skip it when nothing is tied.
         tied = len(list(model.named_parameters(remove_duplicate=False))) != len(self.param_names)
@@ -56,7 +66,21 @@ class ModelProblem(BilevelProblem):
         missing = [k for k in self.param_names if k not in x]
         if missing:
             raise ValueError(f"outer params are missing model params {missing}")
+        self._check_like_model(x)
         return {k: x[k] for k in self.param_names}
+
+    def _check_like_model(self, x: Params) -> None:
+        """x's model params must have the model's shapes and one common dtype; otherwise torch fails deep inside
+        functional_call ('mat1 and mat2 shapes cannot be multiplied') without naming the param."""
+        for k in self.param_names:
+            if tuple(x[k].shape) != self._shapes[k]:
+                raise ValueError(f"outer param {k!r} has shape {tuple(x[k].shape)}, the model's has {self._shapes[k]}")
+        dtypes = [x[k].dtype for k in self.param_names]
+        common = max(set(dtypes), key=dtypes.count)
+        odd = [k for k in self.param_names if x[k].dtype != common]
+        if odd:
+            raise TypeError(f"outer params {odd} have dtype {x[odd[0]].dtype}, the other model params {common}; "
+                            "all must share one dtype")
 
     def inner_loss(self, x: Params, y: Params, task: Episode) -> Tensor:
         return self.loss(self.forward(y, task.support_x), task.support_y)

@@ -23,13 +23,14 @@ reads the same page-cache pages (file-backed, shared), and only the images an ep
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -109,7 +110,10 @@ class DatasetInfo:
                 problems.append(f"missing column {col!r} ({typ})")
             elif not (schema.field(idx).type == typ or (col == "image" and schema.field(idx).type == pa.large_binary())):
                 problems.append(f"column {col!r} has type {schema.field(idx).type}, expected {typ}")
-        md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        try:
+            md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{where}: corrupt schema metadata (not UTF-8: {e})") from None
         if md.get("metaray.format") != FORMAT:
             problems.append(f"schema metadata 'metaray.format' is {md.get('metaray.format')!r}, expected {FORMAT!r}")
         if problems:
@@ -207,7 +211,8 @@ class DatasetWriter:
         self.schema = pa.schema([(c, t) for c, t in COLUMNS.items()], metadata=self.info.metadata())
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=compression)
+        # page CRCs, verified on every read: a flipped byte in a compressed page is an error, not other pixels
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=compression, write_page_checksum=True)
         self._class_array = np.array(classes, dtype=object)
         self.rows = 0
 
@@ -315,6 +320,8 @@ class LabelledDataset:
         table, info, where = self._table, self.info, self.where
         if table.num_rows == 0:
             raise DatasetError(f"{where}: dataset has no rows")
+        if table.column("label").null_count:
+            raise DatasetError(f"{where}: column label has {table.column('label').null_count} null rows; every row needs a class id")
         labels = table.column("label").to_numpy()
         n_cls = len(info.classes)
         if labels.min() < 0 or labels.max() >= n_cls:
@@ -514,6 +521,19 @@ def _cache_path(path: Path, cache_dir: Path | None) -> Path:
     return (cache_dir or data_dir() / "arrow") / f"{path.stem}-{digest}.arrow"
 
 
+@contextlib.contextmanager
+def _reading(where: str) -> Iterator[None]:
+    """pyarrow's errors on a damaged file (a bad page header, a page CRC mismatch, a non-UTF-8 name in the
+    footer) as a DatasetError that names the file."""
+    try:
+        yield
+    except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        first = str(e).strip().split("\n")[0][:300]
+        raise DatasetError(f"{where}: corrupt or unreadable Parquet data ({type(e).__name__}: {first})") from None
+
+
 def read_info(path: str | os.PathLike) -> DatasetInfo:
     """The metadata of a dataset file, validated, without reading its rows."""
     path = Path(path)
@@ -521,8 +541,8 @@ def read_info(path: str | os.PathLike) -> DatasetInfo:
         raise DatasetError(f"{path}: dataset file does not exist")
     try:
         schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DatasetError(f"{path}: not a readable Parquet file ({e})") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     return DatasetInfo.from_schema(schema, str(path))
 
 
@@ -537,19 +557,25 @@ def open_dataset(path: str | os.PathLike, *, memory_map: bool = True, cache_dir:
     info = read_info(path)
     where = str(path)
     if not memory_map:
-        table = pq.read_table(path)
+        with _reading(where):
+            table = pq.read_table(path, page_checksum_verification=True)
         return LabelledDataset(table, info, where=where, path=None)
     cache = _cache_path(path, Path(cache_dir) if cache_dir is not None else None)
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        # streamed batch by batch, so building the cache never holds the whole dataset in memory
-        source = pq.ParquetFile(path, memory_map=True)
-        schema = source.schema_arrow
-        schema = schema.set(schema.get_field_index("image"), pa.field("image", pa.large_binary()))
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for batch in source.iter_batches(batch_size=CACHE_BATCH_ROWS):
-                writer.write_batch(batch.cast(schema))
+        try:
+            with _reading(where):
+                # streamed batch by batch, so building the cache never holds the whole dataset in memory
+                source = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+                schema = source.schema_arrow
+                schema = schema.set(schema.get_field_index("image"), pa.field("image", pa.large_binary()))
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                    for batch in source.iter_batches(batch_size=CACHE_BATCH_ROWS):
+                        writer.write_batch(batch.cast(schema))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, cache)
     # zero-copy: the table's buffers point into the mapping, which lives as long as they do
     table = pa.ipc.open_file(pa.memory_map(str(cache), "r")).read_all()

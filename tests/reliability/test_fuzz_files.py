@@ -67,10 +67,7 @@ def check_dataset_file(data: bytes, memory_map: bool, what: str) -> str:
 
     "refused"   DatasetError naming the file (the goal)
     "identical" the exact images and labels that were written (the damage did not matter)
-    "pyarrow"   KNOWN GAP: an OSError / ArrowException from pyarrow escaped (damaged page header)
-    "unicode"   KNOWN GAP: a UnicodeDecodeError escaped (a damaged column name in the footer)
-    "null-labels" KNOWN GAP: damaged definition levels make labels null; an IndexError escapes
-    "silent"    KNOWN GAP: different pixels without an error (no Parquet page checksums)
+    "silent"    different pixels or labels without an error
     Anything else (another exception type, a wrong message) fails the test.
     """
     count(f"dataset files ({what})")
@@ -81,14 +78,6 @@ def check_dataset_file(data: bytes, memory_map: bool, what: str) -> str:
     except DatasetError as e:
         assert str(path) in str(e), str(e)
         return "refused"
-    except (OSError, pa.ArrowException):
-        return "pyarrow"
-    except UnicodeDecodeError:
-        return "unicode"
-    except IndexError as e:
-        if "arrays used as indices must be of integer" in str(e):
-            return "null-labels"
-        raise
     if images.shape == IMAGES.shape and labels.tolist() == LABELS.tolist() and np.array_equal(images, IMAGES):
         return "identical"
     return "silent"
@@ -122,10 +111,8 @@ def _damaged(case):
     data, mm, what = case
     outcome = check_dataset_file(data, mm, "damaged bytes")
     count(f"damaged bytes -> {outcome}")
-    # garbage and truncation must always be refused cleanly; in-place byte damage hits the known gaps below
-    if what.startswith(("garbage", "truncate")):
-        assert outcome in ("refused", "identical", "pyarrow", "unicode", "null-labels"), (what, outcome)
-    assert outcome in ("refused", "identical", "pyarrow", "unicode", "null-labels", "silent"), (what, outcome)
+    # any damage is refused with a DatasetError naming the file, or does not change what is read
+    assert outcome in ("refused", "identical"), (what, outcome)
 
 
 def _flip_in_image_page() -> bytes:
@@ -134,9 +121,6 @@ def _flip_in_image_page() -> bytes:
     return bytes(data)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (tasks/storage.py): Parquet written without page checksums, so "
-                   "a flipped byte in a compressed page can decode to different pixels without an error. Fix: "
-                   "DatasetWriter/pq.ParquetWriter(write_page_checksum=True) and read with page_checksum_verification=True")
 def test_flipped_byte_in_image_page_is_detected():
     assert check_dataset_file(_flip_in_image_page(), False, "flip in page") == "refused"
 
@@ -156,8 +140,6 @@ def test_flipped_byte_inside_png_is_detected():
     assert np.array_equal(img, IMAGES[0])
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (tasks/storage.py): a damaged (non-UTF-8) column name in the Parquet "
-                   "footer raises UnicodeDecodeError from pyarrow instead of a DatasetError")
 def test_damaged_column_name_is_a_dataset_error():
     data = _valid_file("raw")
     i = data.index(b"\nclass_name%")  # the schema element in the footer
@@ -165,8 +147,6 @@ def test_damaged_column_name_is_a_dataset_error():
     assert check_dataset_file(bad, False, "column name") == "refused"
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (tasks/storage.py): null labels are not checked; LabelledDataset "
-                   "raises IndexError ('arrays used as indices must be of integer type') instead of a DatasetError")
 def test_null_labels_are_a_dataset_error():
     from metaray.tasks.storage import COLUMNS, DatasetInfo
 
@@ -180,8 +160,6 @@ def test_null_labels_are_a_dataset_error():
         open_dataset(path, memory_map=False)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (tasks/storage.py): open_dataset lets pyarrow's OSError "
-                   "('Couldn't deserialize thrift ... page header') escape instead of a DatasetError naming the file")
 def test_damaged_page_header_is_a_dataset_error():
     data = bytearray(_valid_file("raw"))
     data[4] ^= 0x01  # the first page header
@@ -353,7 +331,7 @@ SECTION_KEYS = {
     "bogus_section": ["x"],
 }
 
-TOML_CHARS = st.characters(blacklist_categories=("Cc", "Cs"))  # control characters: a pinned known gap (below)
+TOML_CHARS = st.characters(blacklist_categories=("Cs",))  # any character, control characters included
 toml_scalar = st.one_of(
     st.integers(-(2**40), 2**40),
     st.floats(allow_nan=True, allow_infinity=True),
@@ -405,8 +383,7 @@ def _config(text: str) -> None:
     # a valid config round-trips through its resolved TOML (compared as text: NaN != NaN in dicts)
     again = loads_config(cfg.to_toml())
     assert again.to_toml() == cfg.to_toml()
-    if any(isinstance(v, float) and not math.isfinite(v) for v in cfg.problem.options.values()):
-        count("TOML configs -> KNOWN GAP: non-finite problem option accepted at load")
+    assert not any(isinstance(v, float) and not math.isfinite(v) for v in cfg.problem.options.values()), cfg.problem.options
 
 
 @settings(FAST, max_examples=150)
@@ -422,18 +399,20 @@ def test_fuzz_toml_configs_slow(text):
     _config(text)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (platform/config.py): the resolved config's TOML writer does not escape "
-                   "control characters, so a valid config with one in a string writes an unreadable config.toml")
 def test_resolved_config_with_control_character_round_trips():
-    cfg = loads_config('[problem]\nname = "sinusoid"\n[run]\noutput_dir = "runs\\u001f"\n')
-    assert loads_config(cfg.to_toml()).to_dict() == cfg.to_dict()
+    for text in ("runs\\u001f", "a\\u0000b", "tab\\there", 'quote\\"s', "back\\\\slash", "del\\u007f", "ünï"):
+        cfg = loads_config(f'[problem]\nname = "sinusoid"\n[run]\noutput_dir = "{text}"\n')
+        assert loads_config(cfg.to_toml()).to_dict() == cfg.to_dict(), text
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (platform): problem option values are only checked when the problem "
-                   "is built, so '[problem] shots = nan' loads as a valid config")
 def test_nonfinite_problem_option_is_refused_at_load():
     with pytest.raises(ConfigError, match="shots"):
         loads_config('[problem]\nname = "sinusoid"\nshots = nan\n')
+    with pytest.raises(ConfigError, match=r"'shots' of problem 'sinusoid' must be an integer .*got 2\.5"):
+        loads_config('[problem]\nname = "sinusoid"\nshots = 2.5\n')
+    with pytest.raises(ConfigError, match=r"'corruption' of problem 'hyper-cleaning' must be finite"):
+        loads_config('[problem]\nname = "hyper-cleaning"\ncorruption = inf\n')
+    assert loads_config('[problem]\nname = "hyper-cleaning"\ncorruption = 1\n').problem.options["corruption"] == 1
 
 
 def test_config_errors_name_the_field():

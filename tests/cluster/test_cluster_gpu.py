@@ -1,0 +1,81 @@
+"""GPU checks (marked ``gpu``; skipped cleanly without a CUDA device, as in CI): hypergradients computed on the GPU
+equal the CPU's, and inner-learner actors with fractional GPUs (two per GPU) train to the same outer params as the
+in-process CPU pool."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import metaray.solvers as S
+from metaray.cluster import ClusterConfig, InProcessPool, WorkerPool, WorkerSpec
+from metaray.tasks import ModelProblem, QuadraticProblem, SinusoidSource, mlp, quadratic_task
+
+pytestmark = pytest.mark.gpu
+D = torch.float64
+
+
+def _to(obj, device):
+    if isinstance(obj, dict):
+        return {k: v.to(device) for k, v in obj.items()}
+    return type(obj)(*(t.to(device) for t in obj))
+
+
+@pytest.mark.parametrize("solver", ["maml", "rad", "imaml", "ift-cg", "fomaml"])
+def test_hypergradients_on_cuda_equal_the_cpu(solver):
+    torch.manual_seed(0)
+    model = mlp([1, 40, 40, 1]).double()
+    task = SinusoidSource(dtype=D).sample(("train", 0, 0))
+    x = {k: v.detach().clone() for k, v in model.named_parameters()}
+    s = S.make(solver, inner_steps=3, inner_lr=0.01)
+    cpu = s.hypergrad(ModelProblem(model, "mse"), x, task)
+    gpu = s.hypergrad(ModelProblem(model.cuda(), "mse"), _to(x, "cuda"), _to(task, "cuda"))
+    for k in x:
+        assert gpu.grad[k].is_cuda
+        torch.testing.assert_close(gpu.grad[k].cpu(), cpu.grad[k], rtol=1e-9, atol=1e-12)
+    assert gpu.outer_loss == pytest.approx(cpu.outer_loss, rel=1e-9)
+
+
+def test_closed_form_on_cuda():
+    P, task = QuadraticProblem(), quadratic_task(4, 4, seed=3)
+    x = P.initial_params(task)
+    exact = P.unrolled_hypergrad(task, x["x"], 5, 0.15)
+    hg = S.make("rad", inner_steps=5, inner_lr=0.15).hypergrad(P, _to(x, "cuda"), _to_task(task))
+    torch.testing.assert_close(hg.grad["x"].cpu(), exact, rtol=1e-9, atol=1e-12)
+
+
+def _to_task(task):
+    import dataclasses
+
+    return dataclasses.replace(task, **{f.name: getattr(task, f.name).cuda() for f in dataclasses.fields(task)
+                                        if isinstance(getattr(task, f.name), torch.Tensor)})
+
+
+def test_two_actors_share_one_gpu_and_match_the_cpu():
+    import ray
+
+    spec = WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver="maml",
+                      solver_options={"inner_steps": 2, "inner_lr": 0.01}, source=SinusoidSource(dtype=D), dtype="float64")
+    torch.manual_seed(0)
+    x0 = {k: v.detach().double() for k, v in mlp([1, 40, 40, 1]).named_parameters()}
+
+    def train(pool):
+        x = dict(x0)
+        for s in range(3):
+            r = pool.step(x, [("train", s, i) for i in range(4)])
+            x = {k: x[k] - 0.01 * r.grad[k] for k in x}
+        return x
+
+    with InProcessPool(spec) as p:
+        ref = train(p)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        cfg = ClusterConfig(num_workers=2, num_cpus_per_worker=0.5, num_gpus_per_worker=0.5, metrics=False)
+        with WorkerPool(spec, cfg, "gpu-share") as pool:
+            assert [pool.worker_info[i]["device"] for i in range(2)] == ["cuda", "cuda"]
+            x = train(pool)
+    finally:
+        ray.shutdown()
+    for k in ref:
+        torch.testing.assert_close(x[k], ref[k], rtol=1e-9, atol=1e-12)
