@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-fast bench install clean
 
 $(VENV)/.installed: pyproject.toml tools/install.sh tools/build_learn2learn.sh
 	bash tools/install.sh
@@ -12,11 +12,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m metaray.platform.cli demo
 
+# `make test` is what CI runs: every test, the slow ones included (~9 min on 2 cores after the install).
+# `make test-fast` is the default pytest selection (`-m 'not slow'`, ~3 min) for the edit-test loop.
+# GPU tests are marked `gpu` and skip cleanly where torch sees no CUDA device.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "slow or not slow"
 
-test-all: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not gpu or gpu"
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q
 
 # The peers (higher, torchopt, boat-torch, learn2learn) get their own .venv-bench; see tools/setup_bench_env.sh.
 # `make bench BENCH_ARGS=--quick` checks the results page builds in a few minutes.

@@ -468,6 +468,7 @@ class WorkerPool(_PoolBase):
         self._ray = ray
         self._owns_ray = init_ray(config.address)
         self._pg = None
+        self._bundle_offset, self._owns_pg = 0, True  # actor i goes to bundle offset + i of self._pg
         # The spec (with its model) goes to the object store once; holding the reference keeps it there for as
         # long as the pool lives, so Ray can re-run an actor's constructor on restart (ray-project/ray#53727).
         # Pickled to bytes first: each actor unpickles its own private, writable copy of the problem (Ray's
@@ -501,10 +502,21 @@ class WorkerPool(_PoolBase):
         return b
 
     def _place(self):
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 
         ray, c = self._ray, self.config
         bundle = self._bundle()
+        # Inside a Tune trial (metaray.platform.tune), the trial has already reserved bundle 0 for this driver and
+        # bundles 1..n for the actors: use them, since a placement group of our own would wait for resources the
+        # trial holds.
+        current = get_current_placement_group()
+        if current is not None:
+            specs = current.bundle_specs
+            fits = len(specs) > c.num_workers and all(
+                specs[1 + i].get(k, 0.0) >= v for i in range(c.num_workers) for k, v in bundle.items())
+            if fits:
+                self._bundle_offset, self._owns_pg = 1, False
+                return current
         pg = placement_group([dict(bundle) for _ in range(c.num_workers)], strategy=c.strategy,
                              name=f"metaray-{self.run_name}-pg")
         try:
@@ -543,7 +555,7 @@ class WorkerPool(_PoolBase):
                 num_gpus=c.num_gpus_per_worker,
                 max_restarts=c.max_restarts,
                 max_task_retries=0,  # re-dispatch from the driver instead (see the module docstring)
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=self._bundle_offset + i),
                 runtime_env={"env_vars": env},
             ).remote(self._spec_ref, i, c.num_cpus_per_worker, c.num_gpus_per_worker, c.progress, self.run_name)
         except ValueError as e:
@@ -752,7 +764,7 @@ class WorkerPool(_PoolBase):
                     ray.kill(a, no_restart=True)
                 except Exception:  # noqa: BLE001 (already gone)
                     pass
-        if getattr(self, "_pg", None) is not None:
+        if getattr(self, "_pg", None) is not None and getattr(self, "_owns_pg", True):
             from ray.util.placement_group import remove_placement_group
 
             try:

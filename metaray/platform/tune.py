@@ -52,11 +52,16 @@ def trainable(base: ExperimentConfig) -> Callable[[Mapping[str, Any]], None]:
         from .launch import launch
 
         cfg = ExperimentConfig.from_dict(base_dict).replace(**dict(trial_config))
-        trial_dir = Path(tune.get_context().get_trial_dir() or ".") / "metaray"
+        ctx = tune.get_context()
+        # the run directory's name becomes the run name (actor and placement group names): one per trial
+        trial_dir = Path(ctx.get_trial_dir() or ".") / f"metaray-{ctx.get_trial_id() or 'trial'}"
         cfg = cfg.replace(**{"run.run_dir": str(trial_dir), "run.progress": False})
 
         def report(row: dict[str, Any]) -> None:
-            tune.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
+            # Tune checks that every report carries the search metric, and the validation metrics exist only
+            # on validation steps (run.val_every), so those steps are what a trial reports while it runs.
+            if any(k.startswith("val_") for k in row):
+                tune.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
         result = launch(cfg, on_step=report)
         final = {f"test_{k}": v for k, v in (result.test.as_dict() if result.test else {}).items() if k != "metric"}
@@ -83,6 +88,14 @@ def tune_search(
     if bad:
         raise ValueError(f"param_space keys are dotted config keys such as 'outer.lr', got {bad}")
     base.replace(**{k: _sample_value(v) for k, v in param_space.items()})  # fail fast on unknown keys
+    import ray
+
+    if not ray.is_initialized():
+        # Tune would call a bare ray.init(), which may follow a stale cluster pointer; metaray's rule instead:
+        # the job's cluster under `ray job submit` (RAY_ADDRESS), else a fresh local one.
+        from ..cluster import init_ray
+
+        init_ray(base.cluster.address)
     tuner = Tuner(
         trainable(base),
         param_space=dict(param_space),

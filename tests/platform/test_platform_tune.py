@@ -50,7 +50,7 @@ def test_two_trial_search(tmp_path):
     from metaray.platform.tune import tune_search
 
     cfg = metaray.platform.loads_config(CONFIG.replace("num_gpus_per_worker = 0.25", "num_gpus_per_worker = 0.0"))
-    ray.init(num_cpus=4)
+    ray.init(address="local", num_cpus=4)  # never join another cluster on this machine
     try:
         grid = tune_search(cfg, {"outer.lr": tune.grid_search([1e-3, 3e-3])}, storage_path=str(tmp_path))
     finally:
