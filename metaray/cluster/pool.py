@@ -396,6 +396,8 @@ def _actor_class():
     return _ACTOR_CLASS
 
 
+INLINE_SPEC_BYTES = 64 * 1024  # below Ray's 100 KiB limit for arguments inlined in a task
+
 def init_ray(address: str | None = None) -> bool:
     """Connects to Ray unless already connected; returns whether this call did it.
 
@@ -469,13 +471,15 @@ class WorkerPool(_PoolBase):
         self._owns_ray = init_ray(config.address)
         self._pg = None
         self._bundle_offset, self._owns_pg = 0, True  # actor i goes to bundle offset + i of self._pg
-        # The spec (with its model) goes to the object store once; holding the reference keeps it there for as
-        # long as the pool lives, so Ray can re-run an actor's constructor on restart (ray-project/ray#53727).
-        # Pickled to bytes first: each actor unpickles its own private, writable copy of the problem (Ray's
-        # zero-copy path would hand every actor read-only views of the model's tensors).
+        # Pickled to bytes: each actor unpickles its own private, writable copy of the problem (Ray's zero-copy
+        # path would hand every actor read-only views of the model's tensors). A small spec travels inline in each
+        # actor's creation task, so a restart never depends on the object store; a large one goes to the object
+        # store once, and holding the reference keeps it there for as long as the pool lives, so Ray can re-run
+        # an actor's constructor on restart (ray-project/ray#53727).
         import cloudpickle
 
-        self._spec_ref = ray.put(cloudpickle.dumps(spec))
+        spec_bytes = cloudpickle.dumps(spec)
+        self._spec_ref = spec_bytes if len(spec_bytes) < INLINE_SPEC_BYTES else ray.put(spec_bytes)
         self._actors: list[Any] = [None] * config.num_workers
         self._incarnation: list[str | None] = [None] * config.num_workers
         self._replacements = [0] * config.num_workers

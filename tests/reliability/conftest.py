@@ -27,3 +27,13 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_fuzz_counts():
+    import faultkit
+
+    faultkit.COUNTS.clear()
+    yield
+    for name, n in sorted(faultkit.COUNTS.items()):
+        print(f"\n[fuzz] {name}: {n} cases")

@@ -5,6 +5,7 @@ tasks whose index is in ``poisons`` ((index, mode) pairs) are made hostile:
     "nan"      its outer loss is NaN
     "explode"  its inner problem is strongly concave, so gradient descent overflows within a few inner steps
 ``SlowQuadratic`` sleeps ``delay`` seconds per task, so a kill lands mid-step.
+``count(name)`` tallies fuzz cases by outcome; conftest.py prints the tallies after each test module.
 """
 from __future__ import annotations
 
@@ -135,3 +136,14 @@ def learner(pool, steps: int):
     from metaray.platform import MetaLearner, OuterConfig, TasksConfig
 
     return MetaLearner(pool, x0(), OuterConfig(optimizer="sgd", lr=0.05), TasksConfig(meta_batch_size=4), total_steps=steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fuzz case counts (printed per test module by conftest.py: what `pytest -s` shows and docs/reliability.md cites)
+# ----------------------------------------------------------------------------------------------------------
+
+COUNTS: dict[str, int] = {}
+
+
+def count(name: str) -> None:
+    COUNTS[name] = COUNTS.get(name, 0) + 1

@@ -23,18 +23,12 @@ from hypothesis import strategies as st
 from metaray.platform.config import ConfigError, ExperimentConfig, loads_config
 from metaray.tasks.storage import DatasetError, encode_png, open_dataset, write_dataset
 
-COUNTS: dict[str, int] = {}
-
-
-def count(name: str) -> None:
-    COUNTS[name] = COUNTS.get(name, 0) + 1
+from faultkit import count  # noqa: E402  (fuzz case counter; conftest prints it per module)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report_counts():
+def remove_work_dir():
     yield
-    for name, n in sorted(COUNTS.items()):
-        print(f"\n[fuzz] {name}: {n} cases")
     shutil.rmtree(WORK, ignore_errors=True)
 
 

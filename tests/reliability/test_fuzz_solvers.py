@@ -20,18 +20,7 @@ import metaray.solvers as S
 from metaray.solvers import NonFiniteError
 from metaray.tasks import ModelProblem, QuadraticProblem, SinusoidSource, mlp, quadratic_task
 
-COUNTS: dict[str, int] = {}
-
-
-def count(name: str) -> None:
-    COUNTS[name] = COUNTS.get(name, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_counts():
-    yield
-    for name, n in sorted(COUNTS.items()):
-        print(f"\n[fuzz] {name}: {n} cases")
+from faultkit import count  # noqa: E402  (fuzz case counter; conftest prints it per module)
 
 
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
