@@ -25,6 +25,7 @@ retried into every restart):
 """
 from __future__ import annotations
 
+import abc
 import math
 import os
 import re
@@ -94,7 +95,7 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-class _PoolBase:
+class _PoolBase(abc.ABC):
     """Validation, the step's bookkeeping and the result; subclasses run the tasks (``_run``)."""
 
     def __init__(self, spec: WorkerSpec, config: ClusterConfig, run_name: str):
@@ -317,19 +318,23 @@ class _PoolBase:
         restore = {tid: self._snapshot[tid] for tid in ids if tid in self._snapshot}
         self._update_states(restore, [tid for tid in ids if tid not in self._has_state])
 
-    # ---- subclass hooks ----------------------------------------------------------------------------------
+    # ---- what each pool (in-process, Ray actors) implements ----------------------------------------------
 
+    @abc.abstractmethod
     def _update_states(self, restore: dict[TaskId, Any], drop: list[TaskId]) -> None:
-        raise NotImplementedError
+        """Sets the given tasks' states on their owners and forgets the ``drop`` tasks' states."""
 
+    @abc.abstractmethod
     def _run(self, x: Params, keys: list[tuple], mode: str, snapshot: bool) -> tuple[list[dict], int, int]:
-        raise NotImplementedError
+        """Runs ``keys`` at x; returns (per-task results, restarts, retries)."""
 
+    @abc.abstractmethod
     def _gather_states(self) -> dict[TaskId, Any]:
-        raise NotImplementedError
+        """Every task's solver state, on the CPU."""
 
+    @abc.abstractmethod
     def _scatter_states(self, tasks: dict[TaskId, Any]) -> None:
-        raise NotImplementedError
+        """Sends each task's state to its owner."""
 
 
 # ----------------------------------------------------------------------------------------------------------
