@@ -1,22 +1,21 @@
 """From a problem name + options to what a run needs: a picklable problem factory (workers build the problem
 locally), a task source, the initial outer params and the headline metric of the meta-test.
 
-Names come from the tasks layer's registry (``metaray.tasks.registry``) when it is installed, plus two
-built-ins that need nothing but the core tasks module: ``sinusoid`` (Finn et al. 2017 regression) and
-``quadratic`` (one persistent synthetic task with a closed-form hypergradient, for single-task HPO smoke runs).
+Names, options and builders come from the tasks layer's registry (``metaray.tasks.registry``); this module
+adapts its ``ProblemSpec`` to what a run needs and checks options at config load.
 """
 from __future__ import annotations
 
 import difflib
-import math
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..solvers.core import BilevelProblem, Params
-from ..tasks import ModelProblem, QuadraticProblem, SinusoidSource, TaskSource, mlp, quadratic_task
+from ..tasks import TaskSource, registry
 
 
 @dataclass(frozen=True)
@@ -43,61 +42,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Built-ins
+# Option checks
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _sinusoid_model(hidden: tuple[int, ...], dtype: torch.dtype) -> torch.nn.Module:
-    return mlp([1, *hidden, 1]).to(dtype)
-
-
-def _sinusoid_problem(hidden: tuple[int, ...], dtype_name: str) -> BilevelProblem:
-    return ModelProblem(_sinusoid_model(hidden, DTYPES[dtype_name]), loss="mse")
-
-
-SINUSOID_OPTIONS = {"shots": 10, "queries": 10, "hidden": [40, 40]}
-QUADRATIC_OPTIONS = {"n": 3, "m": 4, "cond": 5.0}
-
-
-def _sinusoid(options: Mapping[str, Any], seed: int, dtype: str) -> ProblemSetup:
-    opts = _options("sinusoid", options, SINUSOID_OPTIONS)
-    hidden = tuple(int(h) for h in opts["hidden"])
-    if not hidden or any(h < 1 for h in hidden):
-        raise ValueError(f"problem option 'hidden' must be a non-empty list of positive layer sizes, got {opts['hidden']!r}")
-    source = SinusoidSource(shots=int(opts["shots"]), queries=int(opts["queries"]), seed=seed, dtype=DTYPES[dtype])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _sinusoid_model(hidden, DTYPES[dtype])
-    x0 = {k: v.detach().clone() for k, v in model.named_parameters()}
-    factory = functools.partial(_sinusoid_problem, hidden, dtype)
-    return ProblemSetup(factory, source, x0, metric="outer_loss")
-
-
-@dataclass(frozen=True)
-class QuadraticSource:
-    """One persistent synthetic task: every key returns the same quadratic instance (single-task HPO)."""
-
-    n: int = 3
-    m: int = 4
-    cond: float = 5.0
-    seed: int = 0
-    dtype: str = "float64"
-
-    def sample(self, key) -> Any:
-        t = quadratic_task(self.n, self.m, seed=self.seed, cond=self.cond)
-        dt = DTYPES[self.dtype]
-        return type(t)(**{k: (v.to(dt) if isinstance(v, torch.Tensor) else v) for k, v in vars(t).items()})
-
-
-def _quadratic_problem() -> BilevelProblem:
-    return QuadraticProblem()
-
-
-def _quadratic(options: Mapping[str, Any], seed: int, dtype: str) -> ProblemSetup:
-    opts = _options("quadratic", options, QUADRATIC_OPTIONS)
-    source = QuadraticSource(int(opts["n"]), int(opts["m"]), float(opts["cond"]), seed, dtype)
-    x0 = QuadraticProblem().initial_params(source.sample(("train", 0, 0)), seed=seed + 1)
-    return ProblemSetup(_quadratic_problem, source, {k: v.to(DTYPES[dtype]) for k, v in x0.items()}, "outer_loss")
 
 
 def _options(problem: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,41 +77,19 @@ def _check_option_type(problem: str, key: str, value: Any, default: Any) -> None
         raise ValueError(f"option {key!r} of problem {problem!r} must be {expected} (default {default!r}), got {value!r}")
 
 
-BUILTINS: dict[str, tuple[Callable[[Mapping[str, Any], int, str], ProblemSetup], str, Mapping[str, Any]]] = {
-    "sinusoid": (_sinusoid, "sinusoid regression, Finn et al. 2017 (MLP 1-40-40-1, MSE); options shots, queries, hidden", SINUSOID_OPTIONS),
-    "quadratic": (_quadratic, "one persistent synthetic quadratic bilevel task (single-task HPO); options n, m, cond", QUADRATIC_OPTIONS),
-}
-
-
 def check_problem_options(name: str, options: Mapping[str, Any]) -> None:
-    """Cheap check of option names at config load (the registry's problems check theirs when built)."""
+    """Cheap check at config load: the problem exists, its options are known, of their defaults' types, finite."""
     check_problem_name(name)
-    reg = _registry()
-    if reg is not None and name in reg.problem_names():
-        _options(name, options, reg.problem_options(name))
-        return
-    _options(name, options, BUILTINS[name][2])
+    _options(name, options, registry.problem_options(name))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Registry (tasks layer) + built-ins
+# Names and building
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _registry():
-    try:
-        from ..tasks import registry  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return registry
 
 
 def problem_names() -> list[str]:
-    reg = _registry()
-    names = set(BUILTINS)
-    if reg is not None:
-        names.update(reg.problem_names())
-    return sorted(names)
+    return sorted(registry.problem_names())
 
 
 def check_problem_name(name: str) -> None:
@@ -185,24 +109,19 @@ def build_problem(name: str, options: Mapping[str, Any], *, seed: int = 0, dtype
     check_problem_name(name)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    reg = _registry()
-    if reg is not None and name in reg.problem_names():
-        return _from_registry(reg, name, dict(options), seed, dtype)
-    return BUILTINS[name][0](dict(options), seed, dtype)
+    return _from_registry(name, dict(options), seed, dtype)
 
 
 def _registry_problem(name: str, options: tuple) -> BilevelProblem:
     """Worker-side factory: rebuilds the named problem from its options (picklable: a name and plain values)."""
-    from ..tasks import registry
-
     return registry.make_problem(name, **dict(options)).problem
 
 
-def _from_registry(reg, name: str, options: dict[str, Any], seed: int, dtype: str) -> ProblemSetup:
+def _from_registry(name: str, options: dict[str, Any], seed: int, dtype: str) -> ProblemSetup:
     """Adapts the tasks registry's ``ProblemSpec(problem, source, x0)`` to a ProblemSetup."""
-    if "seed" in reg.problem_options(name) and "seed" not in options:
+    if "seed" in registry.problem_options(name) and "seed" not in options:
         options = {**options, "seed": seed}
-    spec = reg.make_problem(name, **options)
+    spec = registry.make_problem(name, **options)
     dt = DTYPES[dtype]
     x0 = {k: v.detach().to(dt).clone() for k, v in spec.x0.items()}
     factory = functools.partial(_registry_problem, name, tuple(sorted(options.items())))
@@ -223,21 +142,5 @@ def _headline_metric(problem: BilevelProblem, x0: Params, source: Any) -> str:
     return "outer_loss"
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
-
-
 def describe_problems() -> list[dict[str, str]]:
-    rows = [{"name": k, "description": v[1]} for k, v in BUILTINS.items()]
-    reg = _registry()
-    if reg is not None:
-        known = set(BUILTINS)
-        rows = [{"name": r["name"], "description": r["description"]} for r in reg.describe_problems()]
-        rows += [{"name": k, "description": v[1]} for k, v in BUILTINS.items() if k not in {r["name"] for r in rows}]
-    return rows
+    return [{"name": r["name"], "description": r["description"]} for r in registry.describe_problems()]

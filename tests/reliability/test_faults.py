@@ -151,21 +151,8 @@ def write_config(path: Path, backend: str, steps: int, run_dir: Path) -> Path:
     return path
 
 
-def require_platform_quadratic() -> None:
-    """These tests drive the real CLI/launch path; say so (not silently) while the platform cannot build its
-    'quadratic' problem."""
-    from metaray.platform.problems import build_problem
-
-    try:
-        build_problem("quadratic", {}, seed=0, dtype="float64")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"platform cannot build problem 'quadratic' yet ({type(e).__name__}: {e})")
-
-
 def run_killed_and_reference(tmp_path: Path, backend: str, steps: int, kill_at: int) -> tuple[Path, Path]:
     from metaray.platform import launch, load_config, resume
-
-    require_platform_quadratic()
 
     killed_dir, ref_dir = tmp_path / "killed", tmp_path / "reference"
     cfg = write_config(tmp_path / "killed.toml", backend, steps, killed_dir)
@@ -208,7 +195,6 @@ def assert_same_final(a: Path, b: Path) -> None:
 def test_resume_falls_back_to_previous_good_checkpoint(tmp_path):
     from metaray.platform import launch, load_config, resume
 
-    require_platform_quadratic()
     run_dir = tmp_path / "run"
     launch(load_config(write_config(tmp_path / "a.toml", "inprocess", 6, run_dir)))
     ckpts = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
