@@ -19,31 +19,23 @@ import torch.nn.functional as Fn
 from torch import nn
 
 import metaray.solvers as S
-from metaray.platform.learned_optimizer import from_file, save
+from metaray.platform.learned_optimizer import from_file, meta_train, save
 from metaray.solvers.learned import init_weights
 from metaray.tasks import SyntheticClassification
 
 
-def meta_train(outer_steps: int, seed: int = 0) -> tuple[dict, S.Solver]:
+def train_optimizer(outer_steps: int, seed: int = 0) -> tuple[dict, S.Solver]:
     source = SyntheticClassification(batch=8, seed=seed)
-    problem = source.problem()
     solver = S.make("l2o", arch="lstm", inner_steps=20, horizon=40, log_loss=True, grad_clip=10.0)
-    x = {k: v.requires_grad_(True) for k, v in init_weights(solver.options.net(), seed=seed).items()}
-    meta_opt = torch.optim.Adam(list(x.values()), lr=0.01)
-    state, trajectory, t0 = None, 0, time.time()
-    for step in range(1, outer_steps + 1):
-        task = source.sample(("train", trajectory, 0))
-        hg = solver.hypergrad(problem, {k: v.detach() for k, v in x.items()}, task, state)
-        state = hg.state
-        if state.done:
-            state, trajectory = None, trajectory + 1
-        for k, v in x.items():
-            v.grad = hg.grad[k]
-        meta_opt.step()
+    t0 = time.time()
+
+    def report(step: int, hg) -> None:
         if step % 50 == 0:
             print(f"meta step {step:4d}  meta-loss {hg.metrics['meta_loss']:.4f}  train loss {hg.inner_loss:.4f}  "
                   f"({time.time() - t0:.1f} s)")
-    return {k: v.detach() for k, v in x.items()}, solver
+
+    weights, _ = meta_train(solver, source, init_weights(solver.options.net(), seed=seed), outer_steps, on_step=report)
+    return weights, solver
 
 
 def train_module(make_opt, data, val, steps: int) -> tuple[list[float], float]:
@@ -72,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny coordinate-wise nets: threads only add overhead
 
-    weights, solver = meta_train(args.outer_steps)
+    weights, solver = train_optimizer(args.outer_steps)
     path = save(args.out, weights, solver.options.net())
     print(f"saved the learned optimizer to {path}")
 

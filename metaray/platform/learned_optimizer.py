@@ -1,6 +1,7 @@
-"""Learned-optimizer files: save a meta-trained optimizer, load it back as a ``torch.optim.Optimizer``.
+"""Learned optimizers in one process: meta-train one, save it, load it back as a ``torch.optim.Optimizer``.
 
-    >>> save("lstm_opt.pt", weights, solver.options.net())          # after meta-training with solver "l2o"
+    >>> weights, _ = meta_train(solver, source, init_weights(solver.options.net()), 300)   # solver "l2o"
+    >>> save("lstm_opt.pt", weights, solver.options.net())
     >>> opt = from_file("lstm_opt.pt", model.parameters())          # a LearnedOptimizer, ready to step
 
 The file holds only tensors and plain Python values (``learned_optim.checkpoint``), so it is read with
@@ -9,11 +10,11 @@ The file holds only tensors and plain Python values (``learned_optim.checkpoint`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from ..solvers.core import Params
+from ..solvers.core import HyperGrad, Params
 from ..solvers.learned import OptimizerNet
 from ..solvers.learned_optim import LearnedOptimizer, checkpoint, from_checkpoint
 from .checkpoint import atomic_torch_save
@@ -43,3 +44,37 @@ def from_file(path: str | Path, params: Iterable[Any], *, scale: float = 1.0) ->
     """A ``LearnedOptimizer`` over ``params`` with the weights saved at ``path``."""
     weights, net = load(path)
     return LearnedOptimizer(params, weights, net, scale=scale)
+
+
+def meta_train(
+    solver: Any,
+    source: Any,
+    weights: Params,
+    outer_steps: int,
+    *,
+    lr: float = 0.01,
+    on_step: Callable[[int, HyperGrad], None] | None = None,
+) -> tuple[Params, int]:
+    """Meta-trains the optimizer weights φ with Adam by truncated BPTT (solver ``l2o``), in this process.
+
+    Each outer step continues the current optimizee trajectory by ``inner_steps`` learned steps; when it reaches
+    ``horizon`` the next step starts a new optimizee, ``source.sample(("train", trajectory, 0))``.
+    ``on_step(step, hypergrad)`` is called after each outer step (1-based). Returns (weights, finished
+    trajectories). To meta-train across Ray actors instead, run the same solver in a worker pool.
+    """
+    problem = source.problem()
+    x = {k: v.detach().clone().requires_grad_(True) for k, v in weights.items()}
+    meta_opt = torch.optim.Adam(list(x.values()), lr=lr)
+    state, trajectory = None, 0
+    for step in range(1, outer_steps + 1):
+        task = source.sample(("train", trajectory, 0))  # a new optimizee for every trajectory
+        hg = solver.hypergrad(problem, {k: v.detach() for k, v in x.items()}, task, state)
+        state = hg.state
+        if state.done:
+            state, trajectory = None, trajectory + 1
+        for k, v in x.items():
+            v.grad = hg.grad[k]
+        meta_opt.step()
+        if on_step is not None:
+            on_step(step, hg)
+    return {k: v.detach() for k, v in x.items()}, trajectory

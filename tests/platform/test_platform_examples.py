@@ -42,3 +42,22 @@ def test_example_config_runs_two_steps(path, tmp_path, small_glyphs):
             overrides[f"solver.{key}"] = small
     result = metaray.launch(cfg.replace(**overrides), pool_factory=LocalPool)
     assert result.table.num_rows == 2 and result.test is not None
+
+
+def test_learned_optimizer_example_trains_a_module_outside_metaray(tmp_path):
+    """examples/learned_optimizer.py: meta-trains an LSTM optimizer (50 outer steps here), saves it, then the file
+    loaded as a torch.optim.Optimizer trains an ordinary nn.Module on a held-out problem."""
+    import subprocess
+    import sys
+
+    import torch
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "lstm.pt"
+    r = subprocess.run([sys.executable, str(root / "examples" / "learned_optimizer.py"), "--outer-steps", "50",
+                        "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "weights" in torch.load(out, weights_only=True)  # a plain weights-only file
+    row = next(line for line in r.stdout.splitlines() if line.strip().startswith("learned (LSTM)"))
+    losses = [float(v) for v in row.split(")")[1].split()]  # steps 0, 10, 20, 40, then the val loss
+    assert losses[3] < 0.05 * losses[0], row  # the learned optimizer trains the module

@@ -18,6 +18,7 @@ from metaray.solvers.learned import (
     preprocess,
     update,
 )
+from metaray.platform.learned_optimizer import meta_train
 from metaray.tasks import RandomQuadratics, SyntheticClassification
 
 D64 = torch.float64
@@ -279,23 +280,6 @@ def test_bad_source_arguments():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _meta_train(solver, source, weights, outer_steps, meta_lr):
-    problem = source.problem()
-    x = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
-    meta_opt = torch.optim.Adam(list(x.values()), lr=meta_lr)
-    state, trajectory = None, 0
-    for _ in range(outer_steps):
-        task = source.sample(("train", trajectory, 0))  # a new optimizee for every trajectory
-        hg = solver.hypergrad(problem, {k: v.detach() for k, v in x.items()}, task, state)
-        state = hg.state
-        if state.done:
-            state, trajectory = None, trajectory + 1
-        for k, v in x.items():
-            v.grad = hg.grad[k]
-        meta_opt.step()
-    return {k: v.detach() for k, v in x.items()}, trajectory
-
-
 def _final_loss_learned(net, weights, problem, tasks, steps):
     total = 0.0
     for task in tasks:
@@ -334,7 +318,7 @@ def test_lstm_optimizer_beats_tuned_sgd_and_adam_on_held_out_quadratics():
     src = RandomQuadratics(dim=10, batch=16, seed=0)
     solver = S.make("l2o", arch="lstm", inner_steps=20, horizon=40, log_loss=True)
     net = solver.options.net()
-    w, trajectories = _meta_train(solver, src, init_weights(net, hidden=20, layers=2, seed=0), 300, 0.01)
+    w, trajectories = meta_train(solver, src, init_weights(net, hidden=20, layers=2, seed=0), 300, lr=0.01)
     assert trajectories == 150
     problem = src.problem()
     held_out = [src.sample(("test", 0, i)) for i in range(4)]
@@ -359,7 +343,7 @@ def test_mlp_optimizer_beats_tuned_sgd_and_adam_on_held_out_quadratics():
     src = RandomQuadratics(dim=10, batch=16, seed=0)
     solver = S.make("l2o", arch="mlp", inner_steps=20, horizon=20, log_loss=True)
     net = solver.options.net()
-    w, _ = _meta_train(solver, src, init_weights(net, hidden=32, layers=1, seed=0), 200, 0.01)
+    w, _ = meta_train(solver, src, init_weights(net, hidden=32, layers=1, seed=0), 200, lr=0.01)
     problem = src.problem()
     held_out = [src.sample(("test", 0, i)) for i in range(4)]
     learned = _final_loss_learned(net, w, problem, held_out, 20)
@@ -377,7 +361,7 @@ def test_lstm_optimizer_beats_tuned_sgd_and_adam_on_held_out_classifiers():
     src = SyntheticClassification(batch=8, seed=0, random_scale=1.0)
     solver = S.make("l2o", arch="lstm", inner_steps=20, horizon=40, log_loss=True, grad_clip=10.0)
     net = solver.options.net()
-    w, _ = _meta_train(solver, src, init_weights(net, seed=0), 200, 0.01)
+    w, _ = meta_train(solver, src, init_weights(net, seed=0), 200, lr=0.01)
     test_src = SyntheticClassification(batch=8, seed=0)
     problem = test_src.problem()
     held_out = [test_src.sample(("test", 0, i)) for i in range(2)]
