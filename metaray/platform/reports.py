@@ -69,19 +69,22 @@ def plot_run(rows: Sequence[Mapping[str, Any]], run_dir: Path, metric: str = "ou
         pts = [(r["step"], r[name]) for r in rows if r.get(name) is not None and math.isfinite(r[name])]
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    def save(fig, ax, title: str, ylabel: str, filename: str) -> None:
+        ax.set_xlabel("outer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        fig.tight_layout()
+        paths.append(out_dir / filename)
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ("outer_loss", "inner_loss"):
         s, v = series(name)
         ax.plot(s, v, label=f"train {name.replace('_', ' ')}")
-    ax.set_xlabel("outer step")
-    ax.set_ylabel("loss")
     ax.set_yscale("log" if all(v > 0 for v in series("outer_loss")[1]) and rows else "linear")
     ax.legend()
-    ax.set_title("learning curves")
-    fig.tight_layout()
-    paths.append(out_dir / "learning_curves.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    save(fig, ax, "learning curves", "loss", "learning_curves.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     name = f"val_{metric}"
@@ -90,24 +93,12 @@ def plot_run(rows: Sequence[Mapping[str, Any]], run_dir: Path, metric: str = "ou
         name = "val_outer_loss"
         s, v = series(name)
     ax.plot(s, v, marker="o")
-    ax.set_xlabel("outer step")
-    ax.set_ylabel(name.replace("_", " "))
-    ax.set_title("meta-validation")
-    fig.tight_layout()
-    paths.append(out_dir / "meta_validation.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    save(fig, ax, "meta-validation", name.replace("_", " "), "meta_validation.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     s, v = series("grad_norm")
     ax.plot(s, v)
-    ax.set_xlabel("outer step")
-    ax.set_ylabel("‖hypergradient‖ (aggregated, before clipping)")
     if v and all(x > 0 for x in v):
         ax.set_yscale("log")
-    ax.set_title("hypergradient norm")
-    fig.tight_layout()
-    paths.append(out_dir / "hypergradient_norm.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    save(fig, ax, "hypergradient norm", "‖hypergradient‖ (aggregated, before clipping)", "hypergradient_norm.png")
     return paths
