@@ -42,7 +42,7 @@ def l2l_step(maml, tasks, steps):
 
 
 def metaray_step(solver, problem, x, tasks):
-    hgs = solver.hypergrad_batch(problem, x, tasks)
+    hgs = [solver.hypergrad(problem, x, t) for t in tasks]  # the task loop: metaray's fastest mode for conv4 on a CPU
     return {k: sum(h.grad[k] for h in hgs) / len(hgs) for k in x}
 
 

@@ -52,7 +52,8 @@ BENCHES = [
           full_args=["--repeats", "7"], quick_args=["--repeats", "2", "--tasks", "2"], timeout_full=180, timeout_quick=60,
           json_args=False),
     Bench("peers", "Speed against peers on identical workloads", "peers.py", "json", timeout_full=420, timeout_quick=120),
-    Bench("memory", "Memory vs horizon", "memory_horizon.py", "json", timeout_full=180, timeout_quick=40),
+    Bench("batched", "Batched task hypergradients vs the task loop", "batched.py", "json", timeout_full=240, timeout_quick=90),
+    Bench("memory", "Memory vs horizon", "memory_horizon.py", "json", timeout_full=600, timeout_quick=90),
     Bench("cluster", "Scaling on Ray", "cluster_scaling.py", "text", full_args=[],
           quick_args=["--steps", "2", "--tasks", "4", "--broadcast-mb", "20"],
           timeout_full=300, timeout_quick=90, json_args=False),
@@ -237,6 +238,9 @@ def headline(results: dict[str, dict]) -> list[str]:
     p = results.get("peers", {}).get("section")
     if p:
         out += [f"- {h}" for h in p.get("headline", [])]
+    b = results.get("batched", {}).get("section")
+    if b:
+        out += [f"- {h}" for h in b.get("headline", [])]
     c = results.get("cluster")
     if c and "stdout" in c:
         m = re.search(r"speed-up 2 vs 1 actor: ([0-9.]+)x", c["stdout"])

@@ -46,3 +46,19 @@ def test_page_renders_sections_plots_and_not_run_reasons(section):
     assert "## Hypergradient accuracy" in page and "not run: .venv-bench missing" in page
     assert "not run: no GPU in this session" in page
     assert "](img/accuracy_quadratic_T.png)" in page
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_cpu_smoke_mode_runs_end_to_end():
+    """benchmarks/gpu.py --device cpu --quick: every mode ran, the batched gradients equal the loop's (float32),
+    and the actors part reports a rate for 1 and 2 actors."""
+    import gpu
+
+    out = gpu.main(["--device", "cpu", "--quick", "--repeats", "1"])
+    for name, wl in out["workloads"].items():
+        assert not wl["skipped"], (name, wl["skipped"])
+        for mode, row in wl["modes"].items():
+            assert row["tasks_per_s"] > 0
+            assert row["grad_rel_diff_vs_metaray_loop"] < 1e-4, (name, mode, row)
+    assert set(out["actors_sharing_the_device"]) == {"1", "2"}
+    assert all(isinstance(v, dict) and v["tasks_per_s"] > 0 for v in out["actors_sharing_the_device"].values())

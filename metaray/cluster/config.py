@@ -103,6 +103,12 @@ class ClusterConfig:
     progress:             per-actor progress bars (ray.experimental.tqdm_ray)
     state_snapshot_every: stateful solvers: the driver keeps a copy of every task's state every this many steps
                           (1: a dead actor's tasks resume exactly; 0: only at state_dict())
+    tasks_per_batch:      tasks an actor computes in one ``solver.hypergrad_batch`` call (vmapped where the
+                          solver and problem batch): 1 = one task per call (the default); n > 1 = chunks of n of
+                          the actor's tasks; "auto" = all of its tasks in one call if a measurement on its first
+                          step says batching is faster there, else one at a time. Stateful solvers, evaluation
+                          and pools with ``step_timeout_s`` (stragglers are re-dispatched per task) run one at a
+                          time. Per-task results still go to the driver, which reduces them in key order.
     """
 
     num_workers: int = 2
@@ -118,6 +124,7 @@ class ClusterConfig:
     metrics: bool = True
     progress: bool = False
     state_snapshot_every: int = 1
+    tasks_per_batch: int | str = 1
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -149,6 +156,9 @@ class ClusterConfig:
                 raise bad(name, "a bool")
         if not isinstance(self.state_snapshot_every, int) or isinstance(self.state_snapshot_every, bool) or self.state_snapshot_every < 0:
             raise bad("state_snapshot_every", "an int >= 0")
+        b = self.tasks_per_batch
+        if b != "auto" and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise bad("tasks_per_batch", 'an int >= 1 or "auto"')
 
 
 def check_spec_for_config(spec: WorkerSpec, config: ClusterConfig) -> None:

@@ -6,7 +6,11 @@ Prometheus names are Ray's prefix + ours: a Gauge ``metaray_outer_loss`` is scra
 ``metaray_step_seconds`` as ``ray_metaray_step_seconds_bucket`` / ``_sum`` / ``_count``. Every series has a
 ``run`` tag; per-worker series also a ``worker`` tag. ``grafana_dashboard.json`` (next to this file) plots them.
 
-They are recorded by the driver (the meta-learner process) once per outer step.
+They are recorded by the driver (the meta-learner process) once per outer step. Ray exports a series only once it
+has been recorded (a counter: once incremented, which ``inc(0)`` refuses), so a panel over a series that a healthy
+run never records needs a fallback (see the restarts panel's ``or ... * 0``).
+``tests/cluster/test_monitoring_prometheus.py`` runs every panel's query against a real Prometheus and checks that
+every series listed here reaches it.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ SERIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "metaray_worker_tasks_per_second": ("gauge", "tasks per second of compute on each worker", ("run", "worker")),
     "metaray_tasks_per_second": ("gauge", "tasks per second of the whole step (wall clock)", ("run",)),
     "metaray_hypergrad_norm": ("gauge", "L2 norm of the aggregated hypergradient", ("run",)),
+    "metaray_task_peak_memory_bytes": ("gauge", "peak bytes of one task hypergradient on each worker (the largest "
+                                       "of the step; CUDA allocator peak, or on the CPU the bytes autograd holds for "
+                                       "the backward pass: see metaray/solvers/memory.py)", ("run", "worker")),
     "metaray_step_seconds": ("histogram", "wall-clock seconds of one outer step", ("run",)),
     "metaray_steps": ("counter", "outer steps completed", ("run",)),
     "metaray_tasks": ("counter", "task hypergradients computed", ("run",)),
@@ -63,3 +70,5 @@ def record_step(run: str, result: Any, train: bool) -> None:
         _get("metaray_inner_loss").set(row["inner_loss"], tags=wtags)
         if row["seconds"] > 0:
             _get("metaray_worker_tasks_per_second").set(row["tasks"] / row["seconds"], tags=wtags)
+        if row.get("peak_memory_bytes") is not None:
+            _get("metaray_task_peak_memory_bytes").set(float(row["peak_memory_bytes"]), tags=wtags)

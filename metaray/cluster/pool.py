@@ -68,7 +68,8 @@ class StepResult:
     outer_loss: mean over tasks;  inner_loss: mean over tasks
     metrics:    mean over tasks of each task metric, plus pool diagnostics prefixed ``pool_``
     per_task:   [{"key", "worker", "outer_loss", "inner_loss", **metrics}] in key order
-    per_worker: {i: {"tasks", "inner_loss" (mean), "seconds" (compute)}}
+    per_worker: {i: {"tasks", "inner_loss" (mean), "seconds" (compute), "peak_memory_bytes" (the largest peak of
+                a hypergradient of worker i this step: solvers/memory.py says what is measured; None if not)}}
     restarts:   actor restarts / replacements seen during this step;  retries: task re-dispatches
     seconds:    wall clock of the step
     """
@@ -83,6 +84,11 @@ class StepResult:
     retries: int
     seconds: float
     events: list[str] = field(default_factory=list)  # what went wrong and how it was handled, in order
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
 
 
 def _check_run_name(run_name: Any) -> str:
@@ -222,10 +228,12 @@ class _PoolBase(abc.ABC):
         metrics = {k: _mean([r["metrics"][k] for r in results]) for k in names}
         per_worker: dict[int, dict] = {}
         for r in results:
-            row = per_worker.setdefault(r["worker"], {"tasks": 0, "inner_loss": [], "seconds": 0.0})
+            row = per_worker.setdefault(r["worker"], {"tasks": 0, "inner_loss": [], "seconds": 0.0, "peak_memory_bytes": None})
             row["tasks"] += 1
             row["inner_loss"].append(r["inner_loss"])
             row["seconds"] += r["seconds"]
+            if r.get("peak_memory_bytes") is not None:
+                row["peak_memory_bytes"] = max(row["peak_memory_bytes"] or 0, int(r["peak_memory_bytes"]))
         for row in per_worker.values():
             row["inner_loss"] = _mean(row["inner_loss"])
         metrics.update(
@@ -318,6 +326,14 @@ class _PoolBase(abc.ABC):
         restore = {tid: self._snapshot[tid] for tid in ids if tid in self._snapshot}
         self._update_states(restore, [tid for tid in ids if tid not in self._has_state])
 
+    def _batch_size(self, mode: str, n: int) -> int:
+        """Tasks per ``run_batch`` call on one worker (``ClusterConfig.tasks_per_batch``); 1 = one call per task,
+        which stateful solvers, evaluation and straggler re-dispatch (``step_timeout_s``) always use."""
+        b = self.config.tasks_per_batch
+        if b == 1 or mode != "train" or self.stateful or self.config.step_timeout_s is not None:
+            return 1
+        return n if b == "auto" else int(b)
+
     # ---- what each pool (in-process, Ray actors) implements ----------------------------------------------
 
     @abc.abstractmethod
@@ -362,9 +378,14 @@ class InProcessPool(_PoolBase):
     def _run(self, x, keys, mode, snapshot):
         xw = self._learner.set_x(x)
         results, retries, tries = [], 0, {}
+        first = {}
+        for chunk in _chunks(keys, self._batch_size(mode, len(keys))):  # tasks_per_batch; [key] chunks by default
+            if len(chunk) > 1:
+                first.update({r["key"]: r for r in self._learner.run_batch(
+                    xw, chunk, mode, snapshot=snapshot, tasks_per_batch=self.config.tasks_per_batch)})
         for key in keys:
             while True:
-                r = self._learner.run(xw, key, mode, snapshot=snapshot)
+                r = first.pop(key, None) or self._learner.run(xw, key, mode, snapshot=snapshot)
                 if r["error"] == "nonfinite":
                     self._nonfinite(r, tries)
                     retries += 1
@@ -433,8 +454,9 @@ def init_ray(address: str | None = None) -> bool:
     return True
 
 
-def _start_local_ray(ray) -> None:
-    """``ray.init(address="local")`` on the loopback interface only.
+def _start_local_ray(ray, **init_options: Any) -> None:
+    """``ray.init(address="local")`` on the loopback interface only; ``init_options`` are further ``ray.init``
+    arguments (the monitoring test gives a temp dir, ports and a metrics report interval).
 
     Ray turns a loopback ``_node_ip_address`` into the machine's routable IP unless its constant
     ``ENABLE_RAY_CLUSTER`` is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once when Ray is imported); it is
@@ -445,7 +467,7 @@ def _start_local_ray(ray) -> None:
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", dashboard_host="127.0.0.1", _node_ip_address=LOOPBACK)
+        ray.init(address="local", dashboard_host="127.0.0.1", _node_ip_address=LOOPBACK, **init_options)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
@@ -457,6 +479,7 @@ class _Attempt:
     started: float
     backup: bool        # a straggler's copy on a non-owner (its state is not kept there)
     backed_up: bool = False
+    chunk: list[int] | None = None  # a run_batch call: the positions of its keys (index is the first)
 
 
 class WorkerPool(_PoolBase):
@@ -649,7 +672,16 @@ class WorkerPool(_PoolBase):
             ref = self._actors[w].run_ref.remote(x_box, key, mode, restore, expect, not backup, snapshot)
             pending[ref] = _Attempt(i, w, time.monotonic(), backup)
 
-        for i, key in enumerate(keys):
+        size = self._batch_size(mode, len(keys))
+        for w in range(self.num_workers) if size > 1 else ():
+            mine = [i for i, key in enumerate(keys) if owner(key, self.num_workers) == w]
+            for chunk in _chunks(mine, size):
+                if len(chunk) == 1:
+                    submit(chunk[0], w)
+                else:  # tasks_per_batch: one call for the chunk, per-task results back (only stateless train steps)
+                    ref = self._actors[w].run_batch_ref.remote(x_box, [keys[i] for i in chunk], mode, snapshot, c.tasks_per_batch)
+                    pending[ref] = _Attempt(chunk[0], w, time.monotonic(), False, chunk=chunk)
+        for i, key in enumerate(keys) if size == 1 else ():
             submit(i, owner(key, self.num_workers))
         while any(r is None for r in results):
             timeout = None
@@ -658,19 +690,37 @@ class WorkerPool(_PoolBase):
                 waits = [a.started + c.step_timeout_s - now for a in pending.values() if not (a.backed_up or a.backup)]
                 timeout = max(0.0, min(waits)) if waits else None
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            answers: list[tuple[_Attempt, Any]] = []
             for ref in ready:
                 a = pending.pop(ref)
-                key = keys[a.index]
-                try:
-                    r = ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    if results[a.index] is not None:
-                        continue
-                    self._events.append(f"worker {a.worker} died while computing task {key}: re-dispatched")
-                    restarts += self._recover(a.worker)
-                    retries += 1
-                    submit(a.index, a.worker, self._restore(key) if (self.stateful and mode == "train") else None, a.backup)
+                if a.chunk is None:
+                    answers.append((a, ref))
                     continue
+                try:
+                    rs = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    self._events.append(f"worker {a.worker} died while computing tasks {[keys[i] for i in a.chunk]}: re-dispatched")
+                    restarts += self._recover(a.worker)
+                    retries += len(a.chunk)
+                    for i in a.chunk:  # one at a time now: the recovery path is the per-task one
+                        submit(i, a.worker)
+                    continue
+                answers.extend((_Attempt(i, a.worker, a.started, False), r) for i, r in zip(a.chunk, rs))
+            for a, got in answers:
+                key = keys[a.index]
+                if isinstance(got, dict):
+                    r = got
+                else:
+                    try:
+                        r = ray.get(got)
+                    except ray.exceptions.RayActorError:
+                        if results[a.index] is not None:
+                            continue
+                        self._events.append(f"worker {a.worker} died while computing task {key}: re-dispatched")
+                        restarts += self._recover(a.worker)
+                        retries += 1
+                        submit(a.index, a.worker, self._restore(key) if (self.stateful and mode == "train") else None, a.backup)
+                        continue
                 restarts += self._note_incarnation(a.worker, r["incarnation"])
                 if results[a.index] is not None:
                     continue  # a straggler's other copy already answered

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..solvers import make
+from ..solvers import make, memory
 from ..solvers.core import NonFiniteError, Params, check_grad_finite
 from .config import WorkerSpec
 
@@ -147,6 +147,7 @@ class InnerLearner:
         self.stateful = bool(getattr(self.solver, "stateful", False))
         self.source = spec.source
         self.states: dict[TaskId, Any] = {}
+        self._track_memory = True  # off once the CPU meter is refused (torch.func.grad inside the solver)
         self.incarnation = uuid.uuid4().hex  # changes when the process is restarted: lost state is detectable
         self._x_id: Any = None
         self._x: Params | None = None
@@ -166,6 +167,7 @@ class InnerLearner:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "stateful": self.stateful,
+            "memory_method": memory.PeakMemory(self.device).method,
         }
 
     def pid(self) -> int:
@@ -233,8 +235,9 @@ class InnerLearner:
                 return {"key": key, "error": "state_lost", "worker": self.worker, "incarnation": self.incarnation}
         task = move(self.source.sample(key), self.device, self.dtype)
         try:
+            peak = None
             if mode == "train":
-                hg = self.solver.hypergrad(self.problem, x, task, state)
+                hg, peak = self._hypergrad(x, task, state)
                 check_grad_finite(hg.grad, "hypergradient", key)
             else:
                 hg = self.solver.evaluate(self.problem, x, task, state)
@@ -263,9 +266,93 @@ class InnerLearner:
             "metrics": {k: float(v) for k, v in (hg.metrics or {}).items() if isinstance(v, (int, float, Tensor))},
             "state": (_to_cpu(hg.state),) if (snapshot and self.stateful and mode == "train") else None,
             "seconds": time.perf_counter() - t0,
+            "peak_memory_bytes": peak,
             "worker": self.worker,
             "incarnation": self.incarnation,
         }
+
+    # ---- several tasks at once (ClusterConfig.tasks_per_batch) -------------------------------------------
+
+    def run_batch(self, x: Params, keys: list, mode: str = "train", *, snapshot: bool = False,
+                  tasks_per_batch: int | str = 1) -> list[dict[str, Any]]:
+        """``run`` for several keys, in order: one ``solver.hypergrad_batch`` call for the lot (the solver
+        batches them where it can, else loops). The results are ``run``'s, one per key; each task's "seconds" is
+        its share of the batch. A NonFiniteError in the batch reruns its tasks one at a time, so each task gets
+        its own verdict. Stateful solvers and evaluation run task by task.
+
+        ``tasks_per_batch="auto"``: the first call with two tasks or more measures the loop and the batched
+        call on its own tasks (returning the loop's results) and keeps whichever was faster per task for
+        every later call of this worker (``batch_choice`` says which and the times).
+        """
+        keys = list(keys)
+        if mode != "train" or self.stateful or len(keys) < 2 or self.batch_choice.get("batched") is False:
+            return [self.run(x, k, mode, snapshot=snapshot) for k in keys]
+        if tasks_per_batch == "auto" and "batched" not in self.batch_choice:
+            return self._choose_batching(x, keys, snapshot)
+        t0 = time.perf_counter()
+        tasks = [move(self.source.sample(k), self.device, self.dtype) for k in keys]
+        try:
+            hgs = self.solver.hypergrad_batch(self.problem, x, tasks)
+        except NonFiniteError:
+            return [self.run(x, k, mode, snapshot=snapshot) for k in keys]
+        share = (time.perf_counter() - t0) / len(keys)
+        if self._bar is not None:
+            self._bar.update(len(keys))
+        return [{
+            "key": key,
+            "error": None,
+            "grad": _to_cpu(hg.grad),
+            "outer_loss": float(hg.outer_loss),
+            "inner_loss": float(hg.inner_loss),
+            "metrics": {k: float(v) for k, v in (hg.metrics or {}).items() if isinstance(v, (int, float, Tensor))},
+            "state": None,
+            "seconds": share,
+            "peak_memory_bytes": None,  # the CPU meter cannot watch torch.func; a batch has no per-task peak
+            "worker": self.worker,
+            "incarnation": self.incarnation,
+        } for key, hg in zip(keys, hgs)]
+
+    @property
+    def batch_choice(self) -> dict[str, Any]:
+        return self.__dict__.setdefault("_batch_choice", {})
+
+    def _choose_batching(self, x: Params, keys: list, snapshot: bool) -> list[dict[str, Any]]:
+        """Times the loop and the batched call (twice: the first vmapped call traces) on these tasks; keeps the
+        faster for this worker. Returns the loop's results, so the step is the loop's whatever is chosen."""
+        t0 = time.perf_counter()
+        results = [self.run(x, k, "train", snapshot=snapshot) for k in keys]
+        loop = (time.perf_counter() - t0) / len(keys)
+        if any(r["error"] for r in results):
+            return results  # decide on a later, healthy step
+        tasks = [move(self.source.sample(k), self.device, self.dtype) for k in keys]
+        try:
+            self.solver.hypergrad_batch(self.problem, x, tasks)
+            t0 = time.perf_counter()
+            self.solver.hypergrad_batch(self.problem, x, tasks)
+            batched = (time.perf_counter() - t0) / len(keys)
+        except NonFiniteError:
+            return results
+        self.batch_choice.update(batched=batched < loop, loop_s_per_task=loop, batched_s_per_task=batched, tasks=len(keys))
+        return results
+
+    def memory_plan(self, x: Mapping[str, Any], key: Any) -> Any:
+        """The solver's memory plan (checkpoint spacing, predicted peak) for the task ``key`` at x, from a probe
+        of one inner step; raises ``MemoryBudgetError`` when its ``memory_budget_mb`` cannot be met. None for
+        solvers without one (they do not differentiate through an unroll)."""
+        plan = getattr(self.solver, "memory_plan", None)
+        if plan is None:
+            return None
+        return plan(self.problem, self.set_x(x), move(self.source.sample(key), self.device, self.dtype))
+
+    def _hypergrad(self, x: Params, task: Any, state: Any) -> tuple[Any, int | None]:
+        """The task's hypergradient and the peak memory of the call in bytes (solvers/memory.py: the CUDA
+        allocator's peak on a GPU, the bytes autograd holds for the backward pass on the CPU; None where the
+        CPU meter cannot run, and from then on for this worker)."""
+        hg, peak, _ = memory.measure(lambda: self.solver.hypergrad(self.problem, x, task, state), self.device,
+                                     track=self._track_memory)
+        if peak is None:
+            self._track_memory = False
+        return hg, peak
 
 
 class RayInnerLearner(InnerLearner):
@@ -302,6 +389,14 @@ class RayInnerLearner(InnerLearner):
         ref = x_box[0]
         x = self._x if (self._x is not None and self._x_id == ref.hex()) else self.set_x(ray.get(ref), ref.hex())
         return self.run(x, key, mode, restore=restore, expect_state=expect_state, commit=commit, snapshot=snapshot)
+
+    def run_batch_ref(self, x_box: tuple, keys: list, mode: str, snapshot: bool, tasks_per_batch: int | str) -> list[dict[str, Any]]:
+        """``run_batch`` with x by reference, like ``run_ref``."""
+        import ray
+
+        ref = x_box[0]
+        x = self._x if (self._x is not None and self._x_id == ref.hex()) else self.set_x(ray.get(ref), ref.hex())
+        return self.run_batch(x, keys, mode, snapshot=snapshot, tasks_per_batch=tasks_per_batch)
 
     def receive(self, x_box: tuple) -> int:
         """Fetches and converts x only (the broadcast benchmark); returns the number of elements received."""

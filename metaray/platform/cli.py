@@ -6,7 +6,7 @@
     metaray resume RUN_DIR                               continue a run from its newest checkpoint
     metaray solvers                                      solvers with their options and papers
     metaray datasets                                     problems and offline datasets
-    metaray submit CONFIG.toml [--address URL]           `ray job submit` of `metaray run CONFIG.toml`
+    metaray submit CONFIG.toml [--address URL]           a Ray job of `metaray run CONFIG.toml` (waits for the job agent)
 
 Also runnable as ``python -m metaray.platform.cli``. Bad input prints one line saying what is wrong (exit 2).
 """
@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
+import shlex
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from .jobs import RUN_DIR_MARKER, SubmitError
 
 DEMO_CONFIG = """\
 # metaray demo: 5-way 1-shot classification on the offline glyph set (an Omniglot-style alphabet rendered from
@@ -82,7 +84,7 @@ def _load(path: str, overrides: Sequence[str]):
 
 def _print_result(result) -> None:
     s = result.metrics
-    print(f"run directory: {result.run_dir}")
+    print(f"run directory: {Path(result.run_dir).resolve()}")
     if result.test is not None:
         print(f"meta-test  (meta-learned, {s['solver']}): {result.test}")
     if result.baseline is not None:
@@ -182,8 +184,19 @@ def cmd_datasets(args) -> int:
     return 0
 
 
-def submit_command(args) -> tuple[list[str], dict[str, str]]:
-    """The `ray job submit` command line and environment for ``metaray submit``."""
+@dataclass(frozen=True)
+class JobRequest:
+    """What ``metaray submit`` sends: the dashboard address, the entrypoint and the runtime env."""
+
+    address: str
+    entrypoint: list[str]
+    runtime_env: dict
+    submission_id: str
+    output_dir: str  # where the run directory goes on the cluster (absolute, or relative to the job's working dir)
+
+
+def submit_request(args) -> JobRequest:
+    """Checks the submission here (config, paths, JSON) so nothing fails later on the cluster."""
     working_dir = Path(args.working_dir).resolve()
     config = Path(args.config).resolve()
     if not config.is_file():
@@ -192,7 +205,15 @@ def submit_command(args) -> tuple[list[str], dict[str, str]]:
         config_rel = config.relative_to(working_dir)
     except ValueError:
         raise ValueError(f"the config {config} must be inside the working dir {working_dir} (it is uploaded with it)") from None
-    _load(str(config), args.set)  # fail here, not on the cluster
+    overrides = list(args.set)
+    if args.output_dir:
+        if not Path(args.output_dir).is_absolute():
+            raise ValueError(
+                f"--output-dir must be an absolute path on the cluster, got {args.output_dir!r} (a relative one would "
+                "land in the job's temporary working directory)"
+            )
+        overrides.append(f"run.output_dir={args.output_dir}")
+    cfg = _load(str(config), overrides)  # fail here, not on the cluster
     runtime_env = {"working_dir": str(working_dir), "excludes": ["runs/", ".venv/", ".git/", "*.pt"]}
     if args.runtime_env_json:
         try:
@@ -203,28 +224,41 @@ def submit_command(args) -> tuple[list[str], dict[str, str]]:
             raise ValueError("--runtime-env-json must be a JSON object")
         runtime_env.update(extra)
         runtime_env["working_dir"] = str(working_dir)
-    ray_exe = shutil.which("ray", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    if ray_exe is None:
-        raise ValueError("the `ray` command is not installed (pip install 'ray[default]')")
+    if args.agent_timeout <= 0:
+        raise ValueError(f"--agent-timeout must be > 0 seconds, got {args.agent_timeout}")
     address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    cmd = [ray_exe, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env)]
-    if args.job_id:
-        cmd += ["--submission-id", args.job_id]
-    if args.no_wait:
-        cmd.append("--no-wait")
     entry = [args.python, "-m", "metaray.platform.cli", "run", str(config_rel)]
-    for o in args.set:
+    for o in overrides:
         entry += ["--set", o]
-    cmd += ["--", *entry]
-    env = dict(os.environ)
-    env["RAY_AUTH_MODE"] = "token"  # token auth stays on: the job CLI sends ~/.ray/auth_token
-    return cmd, env
+    from .jobs import new_submission_id
+
+    return JobRequest(address, entry, runtime_env, args.job_id or new_submission_id(cfg.name), cfg.run.output_dir)
 
 
 def cmd_submit(args) -> int:
-    cmd, env = submit_command(args)
-    print("$ " + " ".join(cmd[:4] + ["..."] + cmd[cmd.index("--"):]), flush=True)
-    return subprocess.call(cmd, env=env)
+    from .jobs import follow, outcome, submit_job
+
+    req = submit_request(args)
+    print(f"$ metaray submit: job {req.submission_id} to {req.address}: {shlex.join(req.entrypoint)}", flush=True)
+    client = submit_job(req.address, shlex.join(req.entrypoint), req.runtime_env, submission_id=req.submission_id,
+                        agent_timeout_s=args.agent_timeout)
+    print(f"job {req.submission_id} submitted", flush=True)
+    where = (f"under {req.output_dir} on the job's driver node" if Path(req.output_dir).is_absolute() else
+             f"under {req.output_dir}/ inside the job's temporary working directory on the cluster (pass --output-dir "
+             "/abs/path to choose)")
+    if args.no_wait:
+        print(f"not waiting. Follow it with: ray job logs --follow {req.submission_id} --address {req.address}\n"
+              f"the run directory goes {where}; the job's log names it on the line '{RUN_DIR_MARKER} ...'")
+        return 0
+    status = follow(client, req.submission_id)
+    result = outcome(client, req.submission_id, status)
+    print(f"job {req.submission_id} {status.lower()}")
+    if result.run_dir:
+        node = f" on node {result.node}" if result.node else ""
+        print(f"results: {result.run_dir}{node}")
+        print("  (the job's driver node holds them: copy them with rsync/scp from that node, or set --output-dir to a "
+              "shared filesystem)")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
     sb.add_argument("--job-id", help="submission id")
     sb.add_argument("--no-wait", action="store_true", help="return after submitting")
+    sb.add_argument("--output-dir", help="absolute path on the cluster for the run directory (sets run.output_dir)")
+    sb.add_argument("--agent-timeout", type=float, default=120.0,
+                    help="seconds to wait for the head's job agent to take the job (default 120)")
     sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sb.set_defaults(func=cmd_submit)
     return p
@@ -297,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except NonFiniteError as e:
             print(f"metaray {args.command}: stopped: {e}", file=sys.stderr)
             return 1
-        except (ConfigError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        except (ConfigError, ValueError, TypeError, FileNotFoundError, FileExistsError, SubmitError) as e:
             print(f"metaray {args.command}: error: {e} (set METARAY_DEBUG=1 for the traceback)", file=sys.stderr)
             return 2
 

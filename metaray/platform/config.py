@@ -224,6 +224,9 @@ class ClusterSettings(_Section):
     max_restarts: int = _setting(3, "actor restarts before a step fails", _nonnegative)
     address: str | None = _setting(None, "Ray address (none: join the current cluster or start a local one)")
     metrics: bool = _setting(True, "export ray.util.metrics to the dashboard")
+    tasks_per_batch: int | str = _setting(
+        1, "tasks per solver.hypergrad_batch call on an actor (vmapped where the solver batches): an int >= 1 or 'auto'",
+        (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "an int >= 1 or 'auto'"))
 
     def cluster_config(self):
         from ..cluster.config import ClusterConfig
@@ -247,6 +250,7 @@ class RunSettings(_Section):
     baseline: bool = _setting(True, "also meta-test the initial outer params (the no-meta-learning baseline)")
     plots: bool = _setting(True, "write PNG plots")
     progress: bool = _setting(True, "show a progress bar")
+    tensorboard: bool = _setting(False, "also write the per-step metrics as TensorBoard event files in <run_dir>/tensorboard")
 
 
 _SECTIONS: dict[str, type] = {

@@ -1,10 +1,10 @@
 """The launch API: ``metaray.launch(config) -> RunResult``.
 
 A run directory holds the resolved ``config.toml``, ``checkpoints/``, ``metrics.parquet``, ``summary.json``,
-``final_params.pt`` and ``plots/``. ``launch`` works the same in a notebook, a script and inside
-``ray job submit`` (the worker pool joins the job's cluster). ``resume(run_dir)`` continues from the newest
-checkpoint on exactly the trajectory an uninterrupted run would have followed; ``evaluate(run_dir)`` re-runs
-the meta-test of a finished (or interrupted) run.
+``final_params.pt``, ``plots/`` and, with ``run.tensorboard``, ``tensorboard/`` (TensorBoard event files).
+``launch`` works the same in a notebook, a script and inside ``ray job submit`` (the worker pool joins the job's
+cluster). ``resume(run_dir)`` continues from the newest checkpoint on exactly the trajectory an uninterrupted run
+would have followed; ``evaluate(run_dir)`` re-runs the meta-test of a finished (or interrupted) run.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from ..solvers.core import Params
 from .checkpoint import atomic_torch_save, atomic_write_text, has_checkpoint, load_latest, save_checkpoint, set_rng_state
 from .integrity import safe_torch_load
+from .jobs import RUN_DIR_MARKER
 from .config import ConfigError, ExperimentConfig, load_config
 from .learner import MetaLearner, TestResult, _progress
 from .problems import ProblemSetup, build_problem
@@ -73,6 +74,21 @@ def make_pool(config: ExperimentConfig, setup: ProblemSetup, run_name: str, pool
 
         pool_factory = WorkerPool if config.cluster.backend == "ray" else InProcessPool
     return pool_factory(spec, config.cluster.cluster_config(), run_name)
+
+
+def check_memory_budget(config: ExperimentConfig, setup: ProblemSetup) -> Any:
+    """``[solver] memory_budget_mb``: probes one inner step of the training task ("train", 0, 0), built on the
+    driver as a worker builds it (on the CPU: tensor bytes are the same on a GPU, up to the allocator's
+    rounding), and raises ``MemoryBudgetError`` (a ValueError naming what would fit) before any worker starts.
+    Returns the solver's ``MemoryPlan``, or None without a budget."""
+    if config.solver.options.get("memory_budget_mb") is None:
+        return None
+    from ..cluster.config import WorkerSpec
+    from ..cluster.worker import InnerLearner
+
+    spec = WorkerSpec(problem=setup.make_problem, solver=config.solver.name, solver_options=dict(config.solver.options),
+                      source=setup.source, dtype=config.run.dtype, device="cpu")
+    return InnerLearner(spec, set_threads=False).memory_plan(setup.initial_params, ("train", 0, 0))
 
 
 def _run_name(run_dir: Path) -> str:
@@ -136,8 +152,11 @@ def _config_of(run_dir: Path) -> ExperimentConfig:
 
 def _execute(config: ExperimentConfig, run_dir: Path, *, pool_factory, resume: bool, on_step=None) -> RunResult:
     run = config.run
+    # One line a person (or `metaray submit`, reading a Ray job's log) can find the results by: the absolute path.
+    print(f"{RUN_DIR_MARKER} {run_dir.resolve()}", flush=True)
     torch.manual_seed(run.seed)
     setup = build_problem(config.problem.name, config.problem.options, seed=run.seed, dtype=run.dtype)
+    check_memory_budget(config, setup)  # a budget nothing fits fails here, before any worker starts
     started = time.perf_counter()
     with make_pool(config, setup, _run_name(run_dir), pool_factory) as pool:
         learner = MetaLearner(pool, setup.initial_params, config.outer, config.tasks, total_steps=run.steps, metric=setup.metric)
@@ -156,6 +175,12 @@ def _execute(config: ExperimentConfig, run_dir: Path, *, pool_factory, resume: b
             save_checkpoint(run_dir, learner.step_count, payload, keep=run.keep_checkpoints)
             write_metrics(rows, run_dir)
 
+        # TensorBoard events (run.tensorboard): written as each row is made, so the curves are live.
+        tb = None
+        if run.tensorboard:
+            from .tensorboard import TensorBoardLog
+
+            tb = TensorBoardLog(run_dir, first_step=learner.step_count + 1, config_toml=None if resume else config.to_toml())
         bar = _progress(total=run.steps, desc=f"{config.name} outer steps", enabled=run.progress, initial=learner.step_count)
         try:
             while learner.step_count < run.steps:
@@ -164,17 +189,27 @@ def _execute(config: ExperimentConfig, run_dir: Path, *, pool_factory, resume: b
                 if run.val_every and s % run.val_every == 0 and s < run.steps:
                     row.update(learner.validate())
                 rows.append(row)
+                if tb is not None:
+                    tb.write(row)
                 bar.update(1)
                 bar.set_postfix(outer_loss=f"{row['outer_loss']:.4g}", refresh=False)
                 if on_step is not None:
                     on_step(row)
                 if run.checkpoint_every and s % run.checkpoint_every == 0 and s < run.steps:
                     checkpoint()
+        except BaseException:
+            if tb is not None:
+                tb.close()  # drains tensorboardX's queue, so what the run wrote is on disk for a resume
+            raise
         finally:
             bar.close()
         # The end of training: validate, checkpoint, then meta-test (and the no-meta-learning baseline).
         if rows and not any(k.startswith("val_") for k in rows[-1]):
             rows[-1].update(learner.validate())
+        if tb is not None:
+            if rows:
+                tb.write(rows[-1])  # only what the row gained: the end-of-training validation
+            tb.close()
         checkpoint()
         final = learner.x
         atomic_torch_save({k: v.clone() for k, v in final.items()}, run_dir / FINAL_PARAMS)

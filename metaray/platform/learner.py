@@ -197,11 +197,13 @@ class MetaLearner:
             if isinstance(value, (int, float)):
                 row[f"train_{name}"] = float(value)
         for w, info in sorted((getattr(res, "per_worker", None) or {}).items()):
-            for name in ("tasks", "inner_loss", "seconds"):
-                if name in info:
+            for name in ("tasks", "inner_loss", "seconds", "peak_memory_bytes"):
+                if info.get(name) is not None:
                     v = info[name]
                     if name == "tasks":
                         row[f"worker{w}_tasks"] = v if isinstance(v, int) else len(v)
+                    elif name == "peak_memory_bytes":  # solvers/memory.py says what is measured on which device
+                        row[f"worker{w}_peak_memory_bytes"] = int(v)
                     else:
                         row[f"worker{w}_{name}"] = float(v)
         return row

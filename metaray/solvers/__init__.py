@@ -10,6 +10,7 @@ Each solver family lives in its own module; importing this package registers the
 from .base import Solver, SolverOptions, get, make, names, option, register
 from .core import (
     BilevelProblem,
+    DivergedError,
     HyperGrad,
     NonFiniteError,
     Params,
@@ -21,10 +22,14 @@ from .maml import metasgd_lrs
 from . import implicit, closed_form  # noqa: F401  (registers imaml, ift-cg, ift-neumann, ridge)
 from . import learned  # noqa: F401  (registers l2o: learned optimizers, lstm and mlp)
 from . import bda, bvfim, sgld, fsla  # noqa: F401  (registers bda, bda-pessimistic, bvfim, sgld, fsla)
+from .checkpoint import MemoryBudgetError, MemoryPlan
 
 __all__ = [
     "BilevelProblem",
+    "DivergedError",
     "HyperGrad",
+    "MemoryBudgetError",
+    "MemoryPlan",
     "NonFiniteError",
     "Params",
     "Solver",

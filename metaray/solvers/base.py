@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .core import BilevelProblem, HyperGrad, Params, check_params, check_problem
+from .core import BilevelProblem, HyperGrad, Params, check_params, check_problem, inner_start
 
 # ----------------------------------------------------------------------------------------------------------
 # Options
@@ -109,14 +109,19 @@ class SolverOptions:
 class Solver:
     """Turns (problem, x, task) into a hypergradient. Subclasses implement ``_hypergrad``.
 
-    Class attributes: ``name`` (registry key), ``Options`` (a SolverOptions subclass), ``paper`` (citation)
-    and ``stateful`` (whether ``HyperGrad.state`` must be carried to the next outer step).
+    Class attributes: ``name`` (registry key), ``Options`` (a SolverOptions subclass), ``paper`` (citation),
+    ``stateful`` (whether ``HyperGrad.state`` must be carried to the next outer step) and ``problem_needs``:
+    what a problem must offer beyond the three required methods ("ridge_system": the features, targets and λ
+    of a closed-form head; "step_sizes": x holds a learned step size per inner param; "optimizee": x are a
+    learned optimizer's weights and init_inner gives the optimizee's start). The conformance battery
+    (tests/solvers/test_conformance.py) builds its problems from this declaration.
     """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[SolverOptions]] = SolverOptions
     paper: ClassVar[str] = ""
     stateful: ClassVar[bool] = False
+    problem_needs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         valid = [f.name for f in dataclasses.fields(self.Options)]
@@ -172,7 +177,7 @@ class Solver:
     def _adapt(self, problem: BilevelProblem, x: Params, task: Any, state: Any) -> Params:
         from .unrolled import unroll
 
-        y0 = {k: v.detach() for k, v in problem.init_inner(x, task).items()}
+        y0 = inner_start(problem, x, task, graph=False)
         return unroll(problem, x, y0, task, self.options.inner_steps, self.options.inner_lr, create_graph=False)
 
     def _hypergrad(self, problem: BilevelProblem, x: Params, task: Any, state: Any) -> HyperGrad:

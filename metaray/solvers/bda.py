@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Solver, SolverOptions, option, positive, register, unit_interval
-from .core import BilevelProblem, Params, check_finite, grad_dict, leaves
+from .base import Solver, option, positive, register, unit_interval
+from .checkpoint import CheckpointOptions, Checkpointed, Step, reverse
+from .core import BilevelProblem, Params, check_finite, grad_dict, inner_start, leaves, project
 from .unrolled import finish
 
 SCHEDULES = ("inverse", "geometric", "constant")
@@ -37,7 +38,7 @@ def rho_at(t: int, rho0: float, schedule: str, decay: float) -> float:
 
 
 @dataclass(frozen=True)
-class BDAOptions(SolverOptions):
+class BDAOptions(CheckpointOptions):
     inner_steps: int = option(50, "inner steps T of the aggregated dynamics", positive)
     inner_lr: float = option(0.1, "lower-level step size s_l (on ∇_y f)", positive)
     upper_lr: float | None = option(None, "upper-level step size s_u (on ∇_y F); None = inner_lr", positive)
@@ -46,13 +47,11 @@ class BDAOptions(SolverOptions):
     rho_decay: float = option(0.9, "γ of the geometric schedule", unit_interval)
 
 
-def bda_unroll(
-    problem: BilevelProblem, x: Params, task, o: BDAOptions, *, sign: float = 1.0, create_graph: bool = True
-) -> Params:
-    """T aggregated steps of eq. 32 from init_inner(x), differentiable in x when ``create_graph``."""
+def bda_stepper(problem: BilevelProblem, task, o: BDAOptions, *, sign: float = 1.0) -> Step:
+    """The aggregated step t of eq. 32 (then the problem's projection) as ``step(x, y, t, create_graph=...)``."""
     s_u = o.inner_lr if o.upper_lr is None else o.upper_lr
-    y = problem.init_inner(x, task)
-    for t in range(1, o.inner_steps + 1):
+
+    def step(x: Params, y: Params, t: int, *, create_graph: bool) -> Params:
         y = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in y.items()}
         F = problem.outer_loss(x, y, task)
         f = problem.inner_loss(x, y, task)
@@ -64,22 +63,55 @@ def bda_unroll(
         y = {k: y[k] - (sign * rho * s_u * gF[k] + (1.0 - rho) * o.inner_lr * gf[k]) for k in y}
         if not create_graph:
             y = {k: v.detach() for k, v in y.items()}
-        y = problem.project_inner(x, y)
+        return project(problem, x, y)
+
+    return step
+
+
+def bda_unroll(
+    problem: BilevelProblem, x: Params, task, o: BDAOptions, *, sign: float = 1.0, create_graph: bool = True
+) -> Params:
+    """T aggregated steps of eq. 32 from init_inner(x), differentiable in x when ``create_graph``."""
+    step = bda_stepper(problem, task, o, sign=sign)
+    y = inner_start(problem, x, task, graph=create_graph)
+    for t in range(1, o.inner_steps + 1):
+        y = step(x, y, t, create_graph=create_graph)
     return y
 
 
-class _BDABase(Solver):
+def _outer_objective(problem: BilevelProblem, task):
+    def objective(x: Params, y: Params):
+        F = problem.outer_loss(x, y, task)
+        check_finite(F, "outer_loss", task)
+        return F, None
+
+    return objective
+
+
+class _BDABase(Checkpointed, Solver):
+    """Reverse mode through the aggregated dynamics; ``checkpoint_every`` / ``memory_budget_mb`` bound its
+    memory (checkpoint.py)."""
+
     Options = BDAOptions
     sign = 1.0
+
+    def _adapt(self, problem, x, task, state):
+        # Evaluation follows the solver's own aggregated dynamics (eq. 32), not plain descent on f.
+        return bda_unroll(problem, x, task, self.options, sign=self.sign, create_graph=False)
+
+    def _reverse_parts(self, problem, x, task):
+        return bda_stepper(problem, task, self.options, sign=self.sign), _outer_objective(problem, task), self.options.inner_steps
 
     def _hypergrad(self, problem, x, task, state):
         o = self.options
         x = leaves(x)
-        y = bda_unroll(problem, x, task, o, sign=self.sign)
-        outer = problem.outer_loss(x, y, task)
-        check_finite(outer, "outer_loss", task)
-        rho_T = rho_at(o.inner_steps, o.rho0, o.rho_schedule, o.rho_decay)
-        return finish(problem, x, y, task, grad_dict(outer, x), {"rho_T": rho_T})
+        every = self.checkpoint_spacing(problem, x, task)
+        step, objective, steps = self._reverse_parts(problem, x, task)
+        grad, y, _ = reverse(step, objective, x, inner_start(problem, x, task), steps, every, task)
+        metrics = {"rho_T": rho_at(o.inner_steps, o.rho0, o.rho_schedule, o.rho_decay)}
+        if every:
+            metrics["checkpoint_every"] = float(every)
+        return finish(problem, x, y, task, grad, metrics)
 
 
 @register

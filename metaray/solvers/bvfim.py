@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Solver, SolverOptions, nonnegative, option, positive, register, unit_interval
-from .core import check_finite, detached, grad_dict, leaves, tadd, tdot
+from .core import check_finite, check_scalar, detached, grad_dict, inner_start, leaves, project, tadd, tdot
 from .unrolled import finish, unroll
 
 
@@ -73,17 +73,20 @@ class BVFIM(Solver):
         factor = max((step + 1) ** (-o.decay), o.floor)
         return {"mu1": o.mu1 * factor, "mu2": o.mu2 * factor, "theta": o.theta * factor, "tau": o.tau * factor}
 
-    def _hypergrad(self, problem, x, task, state):
-        o = self.options
+    def _step_of(self, state) -> int:
+        """The outer step k carried in the state (0 for a first call)."""
         step = 0 if state is None else state.get("step", 0) if isinstance(state, dict) else None
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"bvfim state must be None or {{'step': int >= 0}} (returned by the previous call), got {state!r}")
-        p = self.schedule(step)
-        xd = detached(x)
+        return step
+
+    def _solve_inner(self, problem, xd, task, p: dict[str, float]):
+        """z_K of eq. 34, ψ, then y_T of eq. 35 by step-controlled descent. Returns (y_T, z_K, gap, metrics)."""
+        o = self.options
 
         # eq. 34: K gradient steps on f(x, z) + μ₁/2‖z‖², then the regularized value function ψ.
         reg_problem = _Regularized(problem, p["mu1"])
-        z = unroll(reg_problem, xd, detached(problem.init_inner(xd, task)), task, o.inner_steps, o.inner_lr, create_graph=False)
+        z = unroll(reg_problem, xd, inner_start(problem, xd, task, graph=False), task, o.inner_steps, o.inner_lr, create_graph=False)
         with torch.no_grad():
             psi = float(problem.inner_loss(xd, z, task)) + 0.5 * p["mu1"] * float(tdot(z, z)) + p["mu2"]
         if not math.isfinite(psi):
@@ -91,10 +94,11 @@ class BVFIM(Solver):
 
         def gap_at(y) -> float:
             with torch.no_grad():
-                return psi - float(problem.inner_loss(xd, y, task))
+                return psi - float(check_scalar(problem.inner_loss(xd, y, task), "inner_loss"))
 
         def barrier_obj(y) -> torch.Tensor:  # eq. 35's objective at fixed x (gap > 0 checked by the caller)
-            return problem.outer_loss(xd, y, task) + 0.5 * p["theta"] * tdot(y, y) - p["tau"] * torch.log(psi - problem.inner_loss(xd, y, task))
+            outer = check_scalar(problem.outer_loss(xd, y, task), "outer_loss")
+            return outer + 0.5 * p["theta"] * tdot(y, y) - p["tau"] * torch.log(psi - problem.inner_loss(xd, y, task))
 
         y = z
         gap = gap_at(y)
@@ -113,7 +117,7 @@ class BVFIM(Solver):
             g = grad_dict(obj, yl)
             accepted = False
             for _ in range(o.max_backtracks):
-                cand = detached(problem.project_inner(xd, tadd(y, g, -lr)))
+                cand = detached(project(problem, xd, tadd(y, g, -lr)))
                 cgap = gap_at(cand)
                 if cgap > 0:
                     with torch.no_grad():
@@ -128,6 +132,17 @@ class BVFIM(Solver):
                 lr = o.barrier_lr
             else:
                 lr = min(2.0 * lr, o.barrier_lr)  # let the step recover after a backtrack
+        metrics = {"barrier_gap": gap, "psi": psi, "backtracks": float(backtracks), "stalled_steps": float(stalled), **p}
+        return y, z, gap, metrics
+
+    def _adapt(self, problem, x, task, state):
+        # Evaluation reaches the barrier problem's y_T at the schedule's current (μ₁, μ₂, θ, τ), as training does.
+        return self._solve_inner(problem, detached(x), task, self.schedule(self._step_of(state)))[0]
+
+    def _hypergrad(self, problem, x, task, state):
+        step = self._step_of(state)
+        p = self.schedule(step)
+        y, z, gap, metrics = self._solve_inner(problem, detached(x), task, p)
 
         # First-order outer gradient (envelope theorem for ψ; y_T, z_K are constants).
         xl = leaves(x)
@@ -137,7 +152,6 @@ class BVFIM(Solver):
         gx_fz = grad_dict(problem.inner_loss(xl, z, task), xl)
         gx_fy = grad_dict(problem.inner_loss(xl, y, task), xl)
         grad = {k: gx_F[k] - p["tau"] * (gx_fz[k] - gx_fy[k]) / gap for k in xl}
-        metrics = {"barrier_gap": gap, "psi": psi, "backtracks": float(backtracks), "stalled_steps": float(stalled), **p}
         return finish(problem, xl, y, task, grad, metrics, state={"step": step + 1})
 
 
@@ -151,4 +165,4 @@ class _Regularized:
         return self.problem.inner_loss(x, y, task) + 0.5 * self.mu1 * tdot(y, y)
 
     def project_inner(self, x, y):
-        return self.problem.project_inner(x, y)
+        return project(self.problem, x, y)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Solver, SolverOptions, option, register
+from . import batched
+from .base import Solver, SolverOptions, nonnegative, option, register
 from .core import check_finite, grad_dict, leaves
 from .unrolled import finish
 
@@ -47,16 +48,17 @@ def ridge_solve(X: Tensor, Y: Tensor, lam: Tensor, form: str = "auto") -> tuple[
 
 @dataclass(frozen=True)
 class RidgeOptions(SolverOptions):
-    inner_steps: int = option(0, "unused: the head is solved in closed form (kept for a uniform config)", None)
+    inner_steps: int = option(0, "unused: the head is solved in closed form (kept for a uniform config)", nonnegative)
     form: str = option("auto", "'woodbury' (n×n solve), 'primal' (e×e solve) or 'auto' (Woodbury when n < e)", choices=RIDGE_FORMS)
 
 
 @register
-class Ridge(Solver):
+class Ridge(batched.Batched, Solver):
     """R2D2's differentiable ridge-regression head (survey 000 eqs. 46-48): exact hypergradient by autograd."""
 
     name = "ridge"
     Options = RidgeOptions
+    problem_needs = ("ridge_system",)
     paper = "Bertinetto, Henriques, Torr, Vedaldi 2019, Meta-learning with differentiable closed-form solvers (survey 000 §4.4)"
 
     def _head(self, problem, x, task) -> tuple[dict, bool, Tensor]:
@@ -67,9 +69,16 @@ class Ridge(Solver):
                 f"ridge needs a problem with ridge_system(x, task) -> (features, one-hot targets, λ), such as "
                 f"metaray.tasks.FeatureProblem(inner='ridge'); {type(problem).__name__} has none"
             )
-        X, Y, lam = system(x, task)
-        if not bool(lam > 0):
-            raise ValueError(f"the ridge λ must be > 0, got {float(lam)}")
+        out = system(x, task)
+        if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, Tensor) for t in out)):
+            raise TypeError("ridge_system(x, task) must return a tuple of three tensors (features X [n, e], one-hot "
+                            f"targets Y [n, N], λ scalar), got {type(out).__name__}")
+        X, Y, lam = out
+        if lam.numel() != 1:
+            raise ValueError(f"the ridge λ must be a scalar tensor (one λ for the whole head), got shape {tuple(lam.shape)}")
+        if not bool(torch.isfinite(lam)) or not bool(lam > 0):
+            raise ValueError(f"the ridge λ must be finite and > 0, got {float(lam)}")
+        lam = lam.reshape(())
         W, woodbury = ridge_solve(X, Y, lam, self.options.form)
         return {"head.weight": W}, woodbury, lam
 
@@ -83,3 +92,16 @@ class Ridge(Solver):
         check_finite(outer, "outer_loss", task)
         metrics = {"woodbury": float(woodbury), "lam": float(lam.detach())}
         return finish(problem, x, y, task, grad_dict(outer, x), metrics)
+
+    def _surrogate(self, problem, x, tasks):
+        # λ depends on x only: checked (and the form decided) once, on the first task, outside the vmapped part
+        _, woodbury, lam = self._head(problem, x, tasks[0])
+        form = self.options.form
+
+        def surrogate(p, xx, task):
+            X, Y, lam_ = p.ridge_system(xx, task)
+            y = {"head.weight": ridge_solve(X, Y, lam_.reshape(()), form)[0]}
+            outer = batched.outer_eval(p, xx, y, task)
+            return outer[0], batched.report(p, xx, y, task, outer, [])
+
+        return surrogate, {"woodbury": float(woodbury), "lam": float(lam.detach())}

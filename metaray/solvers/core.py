@@ -29,6 +29,11 @@ class NonFiniteError(ValueError):
         self.task = task
 
 
+class DivergedError(NonFiniteError):
+    """An iterative hypergradient method diverged: its result is finite but meaningless, so it is refused
+    like a non-finite one (the meta-learner never applies it)."""
+
+
 class BilevelProblem:
     """One family of bilevel instances. Subclasses implement the three required methods.
 
@@ -134,6 +139,48 @@ def check_params(params: Any, what: str) -> Params:
     return dict(params)
 
 
+def check_inner_params(params: Any, what: str) -> Params:
+    """Inner params returned by a problem (``init_inner``, ``project_inner``): a non-empty dict[str, Tensor] of
+    floating tensors. Checked where the problem returns them, so a wrong return type fails with the method's
+    name instead of deep inside torch."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{what} must return the inner params as a dict[str, Tensor], got {type(params).__name__}")
+    if not params:
+        raise ValueError(f"{what} returned no inner params (an empty dict); the lower level needs at least one")
+    for k, v in params.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor) or not v.is_floating_point():
+            got = type(v).__name__ if not isinstance(v, Tensor) else f"a {v.dtype} tensor"
+            raise TypeError(f"{what} must return dict[str, floating-point Tensor]; entry {k!r} is {got}")
+    return dict(params)
+
+
+def inner_start(problem: Any, x: Params, task: Any, *, graph: bool = True) -> Params:
+    """y_0 = Ψ_0(x) = ``init_inner(x, task)``, checked, and never the same tensor object as an entry of x.
+
+    The contract lets ``init_inner`` return x's own tensors (MAML's y_0 = x). Differentiating the first
+    inner step with respect to such a tensor would differentiate with respect to x itself, so ∇_y f(x, y_0)
+    would become the total derivative of f(x, x). A ``clone`` gives y_0 its own node in the graph (the
+    identity Jacobian ∂y_0/∂x is kept), which makes ∇_y f the partial derivative it must be. With
+    ``graph=False`` the start is detached (a constant of x), which also breaks the alias.
+    """
+    y0 = check_inner_params(problem.init_inner(x, task), "init_inner(x, task)")
+    if not graph:
+        return detached(y0)
+    x_ids = {id(v) for v in x.values()}
+    return {k: v.clone() if id(v) in x_ids else v for k, v in y0.items()}
+
+
+def project(problem: Any, x: Params, y: Params) -> Params:
+    """The problem's ``project_inner(x, y)`` where it has one (the method is optional), else y."""
+    fn = getattr(problem, "project_inner", None)
+    if fn is None:
+        return y
+    out = check_inner_params(fn(x, y), "project_inner(x, y)")
+    if out.keys() != y.keys():
+        raise ValueError(f"project_inner(x, y) must return the keys of y {sorted(y)}, got {sorted(out)}")
+    return out
+
+
 def check_same_keys(a: Params, b: Params, what_a: str, what_b: str) -> None:
     if a.keys() != b.keys():
         missing = sorted(set(a) - set(b))
@@ -146,13 +193,18 @@ def check_same_keys(a: Params, b: Params, what_a: str, what_b: str) -> None:
             raise ValueError(f"{what_b}[{k!r}] has shape {tuple(b[k].shape)}, {what_a}[{k!r}] has {tuple(a[k].shape)}")
 
 
-def check_finite(value: Tensor, what: str, task: Any = None) -> float:
-    """Returns the float value of a scalar loss, raising NonFiniteError if it is NaN/Inf."""
+def check_scalar(value: Any, what: str) -> Tensor:
+    """A loss must be a one-element tensor: anything else fails here, naming the method that returned it."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{what} must return a scalar torch.Tensor, got {type(value).__name__}")
     if value.numel() != 1:
         raise ValueError(f"{what} must return a scalar, got a tensor of shape {tuple(value.shape)}")
-    v = float(value.detach())
+    return value
+
+
+def check_finite(value: Tensor, what: str, task: Any = None) -> float:
+    """Returns the float value of a scalar loss, raising NonFiniteError if it is NaN/Inf."""
+    v = float(check_scalar(value, what).detach())
     if not math.isfinite(v):
         raise NonFiniteError(f"{what} is not finite ({v})", where=what, task=task)
     return v

@@ -36,7 +36,9 @@ from .core import (
     check_same_keys,
     detached,
     grad_dict,
+    inner_start,
     leaves,
+    project,
     tnorm,
     tzeros_like,
     vjp_dict,
@@ -79,20 +81,45 @@ class FSLA(Solver):
     paper = "Li, Gu, Huang 2022, A fully single loop algorithm for bilevel optimization without Hessian inverse (AAAI; eq. 10, Alg. 1)"
     stateful = True
 
+    def _start(self, problem, xd: Params, task: Any, state: Any):
+        """(k, y_k, v_k, (x_k, d_k) or None) from the carried state, checked; a fresh start when state is None."""
+        if state is None:
+            y = inner_start(problem, xd, task, graph=False)
+            return 0, y, tzeros_like(y), None
+        if not isinstance(state, dict):
+            raise ValueError(f"fsla state must be None or the dict a previous call returned, got {type(state).__name__}")
+        missing = [key for key in ("step", "x", "y", "v", "d") if key not in state]
+        if missing:
+            raise ValueError(f"fsla state must be None or the state returned by the previous call; missing {missing}")
+        k = state["step"]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"fsla state['step'] must be an int >= 0 (the outer iterations done), got {k!r}")
+        for key in ("x", "y", "v", "d"):
+            if not isinstance(state[key], dict):
+                raise ValueError(f"fsla state[{key!r}] must be params (dict[str, Tensor]), got {type(state[key]).__name__}")
+        check_same_keys(xd, state["x"], "outer params x", "fsla state['x']")
+        check_same_keys(xd, state["d"], "outer params x", "fsla state['d']")
+        check_same_keys(state["y"], state["v"], "fsla state['y']", "fsla state['v']")
+        return k, state["y"], state["v"], (state["x"], state["d"])
+
+    def _tau(self, k: int) -> float:
+        return self.options.inner_lr / math.sqrt(k + 1) if self.options.schedule == "inv_sqrt" else self.options.inner_lr
+
+    def _adapt(self, problem, x, task, state):
+        # The inner iterate a call would reach: y_{k+1} = y_k − τ_{k+1} ∇_y f(x, y_k) from the tracked y_k (line 6).
+        k, y, _, _ = self._start(problem, x, task, state)
+        yl = leaves(y)
+        inner = problem.inner_loss(x, yl, task)
+        check_finite(inner, f"inner_loss at outer step {k}", task)
+        gf = grad_dict(inner, yl)
+        return detached(project(problem, x, {kk: yl[kk] - self._tau(k) * gf[kk] for kk in yl}))
+
     def _hypergrad(self, problem, x, task, state):
         o = self.options
         xd = detached(x)
-        if state is None:
-            k, y, prev = 0, detached(problem.init_inner(xd, task)), None
-            v = tzeros_like(y)
-        else:
-            missing = [key for key in ("step", "x", "y", "v", "d") if not isinstance(state, dict) or key not in state]
-            if missing:
-                raise ValueError(f"fsla state must be None or the state returned by the previous call; missing {missing}")
-            k, y, v, prev = state["step"], state["y"], state["v"], (state["x"], state["d"])
-            check_same_keys(xd, prev[0], "outer params x", "fsla state['x']")
+        k, y, v, prev = self._start(problem, xd, task, state)
         scale = 1.0 / math.sqrt(k + 1) if o.schedule == "inv_sqrt" else 1.0
-        tau, beta, eta = o.inner_lr * scale, o.beta * scale, o.eta * scale
+        tau, beta, eta = self._tau(k), o.beta * scale, o.eta * scale
 
         # Lines 6-7, both at (x_{k+1}, y_k): one gradient graph gives the y-step and the Hessian-vector product.
         xl, yl = leaves(xd), leaves(y)
@@ -103,7 +130,7 @@ class FSLA(Solver):
         outer = problem.outer_loss(xl, yl, task)
         check_finite(outer, f"outer_loss at outer step {k}", task)
         gF = grad_dict(outer, yl)
-        y_new = detached(problem.project_inner(xd, {kk: yl[kk] - tau * gf[kk] for kk in yl}))
+        y_new = detached(project(problem, xd, {kk: yl[kk] - tau * gf[kk] for kk in yl}))
         v_new = {kk: beta * gF[kk] + v[kk] - beta * hv[kk] for kk in v}
         v_new = detached(v_new)
 

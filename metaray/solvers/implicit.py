@@ -31,6 +31,7 @@ not move under the inner steps), so they contribute nothing instead of making H 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,12 +40,15 @@ import torch
 from .base import Solver, SolverOptions, nonnegative, option, positive, register
 from .core import (
     BilevelProblem,
+    DivergedError,
     Params,
     check_finite,
     check_same_keys,
     detached,
     grad_dict,
+    inner_start,
     leaves,
+    project,
     tadd,
     tnorm,
     vjp_dict,
@@ -119,8 +123,7 @@ class Proximal(BilevelProblem):
         return self.problem.outer_loss(x, y, task)
 
     def project_inner(self, x: Params, y: Params) -> Params:
-        project = getattr(self.problem, "project_inner", None)
-        return project(x, y) if callable(project) else y
+        return project(self.problem, x, y)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,15 +153,33 @@ class _IFT(Solver):
     def _solve(self, matvec: MatVec, b: Params, q0: Params | None) -> SolveResult:
         raise NotImplementedError
 
+    def _start(self, problem, x, task, state) -> tuple[Params, Params | None]:
+        """The inner start and CG's initial guess: init_inner(x), or the carried (y_T, q) with ``warm_start``."""
+        y0 = inner_start(problem, x, task, graph=False)
+        if not (self.options.warm_start and state is not None):
+            return y0, None
+        if not (isinstance(state, dict) and "y" in state and isinstance(state["y"], dict)):
+            raise ValueError(
+                f"{self.name}: the warm-start state must be the HyperGrad.state of a previous call "
+                f"({{'y': inner params, 'q': inner params}}), got {type(state).__name__}"
+                + (f" with keys {sorted(state)}" if isinstance(state, dict) else "")
+            )
+        check_same_keys(y0, state["y"], "init_inner(x)", "warm-start state['y']")
+        q0 = state.get("q")
+        if q0 is not None:
+            if not isinstance(q0, dict):
+                raise ValueError(f"{self.name}: warm-start state['q'] must be inner params (a dict) or None, got {type(q0).__name__}")
+            check_same_keys(y0, q0, "init_inner(x)", "warm-start state['q']")
+        return detached(state["y"]), q0
+
+    def _adapt(self, problem, x, task, state):
+        # Evaluation reaches the same y_T as _hypergrad: the warm start included.
+        y0, _ = self._start(problem, x, task, state)
+        return unroll(problem, x, y0, task, self.options.inner_steps, self.options.inner_lr, create_graph=False)
+
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        y0 = detached(problem.init_inner(x, task))
-        q0 = None
-        if o.warm_start and state is not None:
-            if not (isinstance(state, dict) and "y" in state):
-                raise ValueError(f"{self.name}: state must be the HyperGrad.state of a previous call, got {type(state).__name__}")
-            check_same_keys(y0, state["y"], "init_inner(x)", "warm-start state['y']")
-            y0, q0 = detached(state["y"]), state.get("q")
+        y0, q0 = self._start(problem, x, task, state)
         y = unroll(problem, x, y0, task, o.inner_steps, o.inner_lr, create_graph=False)
         grad, result, extra = implicit_hypergrad(problem, x, y, task, self._solve, q0)
         new_state = {"y": detached(y), "q": _pad(result.solution, y)} if o.warm_start else None
@@ -207,7 +228,21 @@ class IFTNeumann(_IFT):
     def _solve(self, matvec, b, q0):
         o = self.options
         alpha = o.inner_lr if o.neumann_alpha is None else o.neumann_alpha
-        return neumann(matvec, b, alpha=alpha, terms=o.neumann_terms, tol=o.neumann_tol, on_indefinite=o.on_indefinite)
+        result = neumann(matvec, b, alpha=alpha, terms=o.neumann_terms, tol=o.neumann_tol, on_indefinite=o.on_indefinite)
+        if result.diverged and not (result.indefinite and o.on_indefinite == "stop"):
+            # A diverging series returns a finite sum that can be off by orders of magnitude: refuse it. (With
+            # on_indefinite='stop', a truncated series at negative curvature is returned, flagged, by design.)
+            r = result.residuals
+            growth = r[-1] / r[-2] if len(r) > 1 and r[-2] > 0 and math.isfinite(r[-1]) else float("inf")
+            lam = (1.0 + growth) / alpha  # |1 − α λmax| ≈ the growth factor per term
+            raise DivergedError(
+                f"ift-neumann: the Neumann series diverges (relative residual {r[-1]:.3g} after {result.steps} "
+                f"terms, growing ×{growth:.3g} per term), so α·λmax(∇²_yy f) > 2 with α = {alpha:g} "
+                f"(λmax ≈ {lam:.3g}) or the Hessian is indefinite; set neumann_alpha below {2.0 / lam:.3g}, "
+                "or use ift-cg",
+                where="neumann",
+            )
+        return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,7 +275,7 @@ class IMAML(Solver):
 
     def _adapt(self, problem, x, task, state):
         o = self.options  # evaluation adapts on the same proximal inner problem as training
-        return unroll(Proximal(problem, o.lam), x, detached(problem.init_inner(x, task)), task, o.inner_steps, o.inner_lr, create_graph=False)
+        return unroll(Proximal(problem, o.lam), x, inner_start(problem, x, task, graph=False), task, o.inner_steps, o.inner_lr, create_graph=False)
 
     def _hypergrad(self, problem, x, task, state):
         o = self.options

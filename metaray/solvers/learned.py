@@ -54,7 +54,9 @@ from .core import (
     detached,
     flatten,
     grad_dict,
+    inner_start,
     leaves,
+    project,
     tnorm,
     unflatten,
 )
@@ -288,6 +290,7 @@ class L2O(Solver):
 
     name = "l2o"
     Options = L2OOptions
+    problem_needs = ("optimizee",)
     paper = "Andrychowicz et al. 2016, Learning to learn by gradient descent by gradient descent (survey 000 eqs. 10-14)"
     stateful = True
 
@@ -299,7 +302,7 @@ class L2O(Solver):
             raise TypeError(f"l2o state must be the L2OState a previous call returned, or None; got {type(state).__name__}")
         phi = leaves(x)
         if state is None or state.step >= o.horizon:
-            y = problem.init_inner(detached(x), task)
+            y = inner_start(problem, detached(x), task, graph=False)
             y = detached(_check_optimizee(y, phi))
             opt = init_state(net, phi, flatten(y).numel(), flatten(y).dtype)
             start = 0
@@ -324,7 +327,7 @@ class L2O(Solver):
         """For ``evaluate`` (meta-validation / meta-test): a fresh trajectory of ``horizon`` learned steps."""
         net = self.options.net()
         check_weights(net, x)
-        y = detached(_check_optimizee(problem.init_inner(x, task), x))
+        y = detached(_check_optimizee(inner_start(problem, x, task, graph=False), x))
         opt = init_state(net, x, flatten(y).numel(), flatten(y).dtype)
         y, *_ = learned_unroll(problem, net, detached(x), y, opt, task, self.options.horizon, options=self.options)
         return detached(y)
@@ -369,7 +372,7 @@ def learned_unroll(
             g = detached(g)  # Andrychowicz et al.: the gradient input is a constant of φ
         delta, opt = update(net, phi, flatten(g), flatten(y), opt)
         y = {k: v + d for (k, v), d in zip(y.items(), unflatten(delta, y).values())}
-        y = problem.project_inner(phi, y)
+        y = project(problem, phi, y)
         if not tracking:  # φ is a constant (evaluation, a trained optimizer at work): no graph to keep
             y = {k: v.detach().requires_grad_(True) for k, v in y.items()}
         step = start + t + 1

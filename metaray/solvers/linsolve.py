@@ -44,6 +44,8 @@ class SolveResult:
     steps:      operator products (Hessian-vector products) spent
     converged:  the last relative residual is ≤ tol
     indefinite: a direction p with pᵀ A p ≤ 0 was met (A is not positive definite)
+    diverged:   the iteration grew instead of converging (Neumann: a residual above the starting one, which a
+                convergent series never shows since ‖(I − αA)^j b‖ ≤ ‖b‖ when α·eig(A) ⊂ (0, 2))
     """
 
     solution: Params
@@ -51,6 +53,7 @@ class SolveResult:
     steps: int = 0
     converged: bool = False
     indefinite: bool = False
+    diverged: bool = False
 
     @property
     def residual(self) -> float:
@@ -63,6 +66,7 @@ class SolveResult:
             f"{prefix}steps": float(self.steps),
             "converged": float(self.converged),
             "indefinite": float(self.indefinite),
+            "diverged": float(self.diverged),
         }
 
 
@@ -151,7 +155,8 @@ def neumann(
     """A⁻¹ b ≈ α Σ_{j<K} (I − α A)^j b with K = ``terms`` (stops early once the residual is ≤ tol).
 
     Uses K operator products: p_{j+1} = p_j − α A p_j, and the residual after j terms is ‖p_j‖ / ‖b‖.
-    The series diverges when α A has an eigenvalue outside (0, 2); ``converged`` is then False. pᵀ A p ≤ 0
+    The series diverges when α A has an eigenvalue outside (0, 2); ``converged`` is then False and ``diverged``
+    True (the residual rose above its start). pᵀ A p ≤ 0
     along the way is flagged as ``indefinite``; 'stop' then returns the partial sum so far.
     """
     _check_common(tol, terms, on_indefinite)
@@ -180,4 +185,6 @@ def neumann(
         residuals.append(float(tnorm(p)) / b_norm)
         if not math.isfinite(residuals[-1]):
             break
-    return SolveResult(tscale(total, alpha), residuals, steps, residuals[-1] <= tol, indefinite)
+    # Rounding can lift a flat residual a hair above 1 (an eigenvalue at α·λ ≈ 0 or 2); real divergence grows.
+    diverged = max(residuals) > 1.0 + 1e-6 or not math.isfinite(residuals[-1])
+    return SolveResult(tscale(total, alpha), residuals, steps, residuals[-1] <= tol, indefinite, diverged)

@@ -17,49 +17,66 @@ from typing import Any
 
 import torch
 
+from . import batched
 from .base import Solver, SolverOptions, nonnegative, option, positive, register
-from .core import Params, detached, grad_dict, leaves, outer_eval, tadd, vjp_dict
-from .unrolled import finish, gd_step, reverse_hypergrad, unroll
+from .checkpoint import CheckpointOptions, Checkpointed, reverse
+from .core import Params, grad_dict, inner_start, leaves, outer_eval, tadd, vjp_dict
+from .unrolled import finish, gd_step, reverse_hypergrad, reverse_parts, unroll
 
 
 @dataclass(frozen=True)
-class MAMLOptions(SolverOptions):
+class FirstOrderOptions(SolverOptions):
     inner_steps: int = option(1, "adaptation steps T on the support set", nonnegative)
     inner_lr: float = option(0.1, "adaptation step size s", positive)
 
 
+@dataclass(frozen=True)
+class MAMLOptions(FirstOrderOptions, CheckpointOptions):
+    """MAML's defaults plus checkpoint_every / memory_budget_mb (checkpoint.py)."""
+
+
 @register
-class MAML(Solver):
+class MAML(batched.Batched, Checkpointed, Solver):
     """Second-order MAML (Finn et al. 2017): the exact gradient of F(x, y_T(x)) through the adaptation.
 
     Computationally this is reverse-mode AD through the inner loop (``rad``); MAML is the special case where
     the inner loop starts at the outer params. Kept as its own name with MAML's conventional defaults.
+    ``checkpoint_every`` / ``memory_budget_mb`` bound its memory (checkpoint.py): each recomputed segment
+    builds its own double-backward graph, so the gradient stays second order.
     """
 
     name = "maml"
     Options = MAMLOptions
     paper = "Finn, Abbeel, Levine 2017, Model-agnostic meta-learning (survey 001 eqs. 24-26)"
 
+    def _reverse_parts(self, problem, x, task):
+        return reverse_parts(problem, x, task, self.options.inner_steps, self.options.inner_lr)
+
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr)
-        return finish(problem, x, y, task, grad, outer=outer)
+        every = self.checkpoint_spacing(problem, x, task)
+        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr, every=every)
+        return finish(problem, x, y, task, grad, {"checkpoint_every": float(every)} if every else None, outer=outer)
+
+    def _surrogate(self, problem, x, tasks):
+        o = self.options
+        return batched.checkpoint_refusal(o) or (batched.unrolled(o.inner_steps, batched.constant_lr(o.inner_lr)), {})
 
 
 def first_order_adaptation(problem, x: Params, task: Any, steps: int, lr: float) -> tuple[Params, Params, Params]:
     """Runs the adaptation without a second-order graph. Returns (x as leaves, y_0 = Ψ_0(x) with its graph, y_T)."""
     x = leaves(x)
-    y0 = problem.init_inner(x, task)
-    y_T = unroll(problem, x, detached(y0), task, steps, lr, create_graph=False)
+    y0 = inner_start(problem, x, task)
+    y_T = unroll(problem, x, {k: v.detach() for k, v in y0.items()}, task, steps, lr, create_graph=False)
     return x, y0, y_T
 
 
 @register
-class FOMAML(Solver):
+class FOMAML(batched.Batched, Solver):
     """First-order MAML (survey 001 eq. 27): dF/dx ≈ ∂F(x, y_T)/∂x + (∂Ψ_0/∂x)ᵀ ∂F(x, y_T)/∂y_T."""
 
     name = "fomaml"
-    Options = MAMLOptions
+    Options = FirstOrderOptions
     paper = "Finn, Abbeel, Levine 2017 (first-order approximation; survey 001 eq. 27)"
 
     def _hypergrad(self, problem, x, task, state):
@@ -72,9 +89,12 @@ class FOMAML(Solver):
         grad = tadd(g_x, vjp_dict(y0, x, g_y))
         return finish(problem, x, y_T, task, grad, outer=outer)
 
+    def _surrogate(self, problem, x, tasks):
+        return batched.first_order(self.options.inner_steps, self.options.inner_lr), {}
+
 
 @dataclass(frozen=True)
-class ReptileOptions(MAMLOptions):
+class ReptileOptions(FirstOrderOptions):
     inner_steps: int = option(5, "adaptation steps T (Reptile needs T > 1 to differ from joint training)", positive)
     normalize: bool = option(
         False, "divide the displacement by s·T so the step is on the scale of a gradient (then outer lr ≈ s)"
@@ -82,7 +102,7 @@ class ReptileOptions(MAMLOptions):
 
 
 @register
-class Reptile(Solver):
+class Reptile(batched.Batched, Solver):
     """Reptile (Nichol et al. 2018): g = (∂Ψ_0/∂x)ᵀ (y_0 − y_T), the negative displacement of adaptation.
 
     With an outer SGD step of size ε this is Reptile's x ← x + ε (y_T − x).
@@ -99,6 +119,10 @@ class Reptile(Solver):
         displacement = {k: scale * (y0[k].detach() - y_T[k]) for k in y0}
         return finish(problem, x, y_T, task, vjp_dict(y0, x, displacement))
 
+    def _surrogate(self, problem, x, tasks):
+        o = self.options
+        return batched.displacement(o.inner_steps, o.inner_lr, 1.0 / (o.inner_lr * o.inner_steps) if o.normalize else 1.0), {}
+
 
 @dataclass(frozen=True)
 class MetaSGDOptions(MAMLOptions):
@@ -111,30 +135,63 @@ def metasgd_lrs(inner_params: Params, value: float, prefix: str = "lr.") -> Para
 
 
 @register
-class MetaSGD(Solver):
+class MetaSGD(batched.Batched, Checkpointed, Solver):
     """Meta-SGD (Li et al. 2017): learns the init and a per-parameter step size ω together.
 
         y_t = y_{t-1} − ω ⊙ ∇_y f(y_{t-1}),    x = (init, ω),    dF/dx by reverse mode through the adaptation.
 
     ``inner_lr`` is the value ``metasgd_lrs`` uses to initialize ω; the learned ω is read from x.
+    ``checkpoint_every`` / ``memory_budget_mb`` bound its memory (checkpoint.py).
     """
 
     name = "metasgd"
     Options = MetaSGDOptions
+    problem_needs = ("step_sizes",)
     paper = "Li, Zhou, Chen, Li 2017, Meta-SGD (survey 001 eq. 28)"
 
     def _hypergrad(self, problem, x, task, state):
-        o = self.options
         x = leaves(x)
-        y = self._unroll(problem, x, task, problem.init_inner(x, task), create_graph=True)
-        outer = outer_eval(problem, x, y, task)
-        return finish(problem, x, y, task, grad_dict(outer[0], x), outer=outer)
+        y0 = inner_start(problem, x, task)
+        self._check_rates(x, y0)
+        every = self.checkpoint_spacing(problem, x, task)
+        grad, y, outer = reverse(self._step(problem, task), self._objective(problem, task), x, y0, self.options.inner_steps, every, task)
+        return finish(problem, x, y, task, grad, {"checkpoint_every": float(every)} if every else None, outer=outer)
+
+    def _surrogate(self, problem, x, tasks):
+        o = self.options
+        why = batched.checkpoint_refusal(o)
+        if why:
+            return why
+        y = inner_start(problem, x, tasks[0], graph=False)  # tasks that batch share y's keys and shapes
+        self._check_rates(x, y)
+        return batched.unrolled(o.inner_steps, lambda xx: {k: xx[o.lr_prefix + k] for k in y}), {}
 
     def _adapt(self, problem, x, task, state):
-        return self._unroll(problem, x, task, detached(problem.init_inner(x, task)), create_graph=False)
+        y = inner_start(problem, x, task, graph=False)
+        self._check_rates(x, y)
+        step = self._step(problem, task)
+        for t in range(1, self.options.inner_steps + 1):
+            y = step(x, y, t, create_graph=False)
+        return y
 
-    def _unroll(self, problem, x: Params, task: Any, y: Params, *, create_graph: bool) -> Params:
-        """T steps of y ← y − ω ⊙ ∇_y f(y), with ω read from x."""
+    def _reverse_parts(self, problem, x, task):
+        self._check_rates(x, inner_start(problem, x, task, graph=False))
+        return self._step(problem, task), self._objective(problem, task), self.options.inner_steps
+
+    def _step(self, problem, task: Any):
+        """y_t = y_{t-1} − ω ⊙ ∇_y f(y_{t-1}), with ω read from the x the step is given (so it is differentiated)."""
+        prefix = self.options.lr_prefix
+
+        def step(x: Params, y: Params, t: int, *, create_graph: bool) -> Params:
+            return gd_step(problem, x, y, task, {k: x[prefix + k] for k in y}, create_graph=create_graph, step=t - 1)
+
+        return step
+
+    @staticmethod
+    def _objective(problem, task: Any):
+        return lambda x, y: outer_eval(problem, x, y, task)
+
+    def _check_rates(self, x: Params, y: Params) -> None:
         o = self.options
         missing = [o.lr_prefix + k for k in y if o.lr_prefix + k not in x]
         if missing:
@@ -142,10 +199,6 @@ class MetaSGD(Solver):
                 f"metasgd needs a learned step size in x for every inner param; missing {missing}. "
                 f"Add them with metaray.solvers.metasgd_lrs(y0, {o.inner_lr}, prefix={o.lr_prefix!r})"
             )
-        lrs = {k: x[o.lr_prefix + k] for k in y}
         for k in y:
-            if lrs[k].shape != y[k].shape:
-                raise ValueError(f"x[{o.lr_prefix + k!r}] has shape {tuple(lrs[k].shape)}, inner param {k!r} has {tuple(y[k].shape)}")
-        for t in range(o.inner_steps):
-            y = gd_step(problem, x, y, task, lrs, create_graph=create_graph, step=t)
-        return y
+            if x[o.lr_prefix + k].shape != y[k].shape:
+                raise ValueError(f"x[{o.lr_prefix + k!r}] has shape {tuple(x[o.lr_prefix + k].shape)}, inner param {k!r} has {tuple(y[k].shape)}")

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from .base import Solver, SolverOptions, nonnegative, option, positive, register
-from .core import BilevelProblem, Params, check_finite, detached, grad_dict, leaves, tzeros_like, vjp_dict
+from .core import BilevelProblem, Params, check_finite, check_same_keys, detached, grad_dict, inner_start, leaves, project, tzeros_like, vjp_dict
 from .unrolled import finish
 
 
@@ -75,6 +75,14 @@ def noise_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
+def langevin_step(problem: BilevelProblem, x: Params, y: Params, grad_f: Params, task: Any, *, lr: float, sigma: float,
+                  generator: torch.Generator) -> tuple[Params, Params]:
+    """Eq. 24: y' = Π(y − η ∇_y f(x, y) + √(2ητ) κ z), z ~ N(0, I) from ``generator``. Returns (y', z)."""
+    z = {k: torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device) for k, v in y.items()}
+    y_next = project(problem, x, {k: y[k].detach() - lr * grad_f[k].detach() + sigma * z[k] for k in y})
+    return leaves(detached(y_next)), z
+
+
 def sgld_hypergrad(
     problem: BilevelProblem,
     x: Params,
@@ -94,7 +102,7 @@ def sgld_hypergrad(
     ``y0`` overrides init_inner (a constant start, D₀ = 0). ``trace``, if given, records the chain.
     """
     x = leaves(x)
-    y0_graph = problem.init_inner(x, task) if y0 is None else detached(y0)
+    y0_graph = inner_start(problem, x, task) if y0 is None else detached(y0)
     has_d0 = any(v.requires_grad for v in y0_graph.values())  # D₀ ≠ 0: y⁽⁰⁾ depends on x
     sigma = math.sqrt(2.0 * lr * temperature) * noise_scale  # √ε κ with ε = 2ητ
 
@@ -114,9 +122,7 @@ def sgld_hypergrad(
         inner = problem.inner_loss(x, y_prev, task)
         check_finite(inner, f"inner_loss at Langevin step {m}", task)
         gy_f = grad_dict(inner, y_prev, create_graph=True)
-        z = {k: torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device) for k, v in y_prev.items()}
-        y = problem.project_inner(x, {k: y_prev[k].detach() - lr * gy_f[k].detach() + sigma * z[k] for k in y_prev})
-        y = leaves(detached(y))
+        y, z = langevin_step(problem, x, y_prev, gy_f, task, lr=lr, sigma=sigma, generator=generator)
 
         outer = problem.outer_loss(x, y, task)
         check_finite(outer, f"outer_loss at Langevin step {m}", task)
@@ -154,14 +160,36 @@ class SGLD(Solver):
     paper = "Kim, Hospedales, A stochastic approach to bi-level optimization for hyperparameter optimization and meta learning (arXiv 2410.10417; eqs. 22-25, Alg. 1)"
     stateful = True
 
+    def _start(self, problem, x, task, state) -> tuple[int, Params | None]:
+        """(outer step k, warm-start sample or None) from the carried state, checked."""
+        if state is None:
+            return 0, None
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and not isinstance(state["step"], bool)
+                and state["step"] >= 0):
+            raise ValueError(f"sgld state must be None or {{'step': int >= 0, 'y': params}} from the previous call, got {state!r}")
+        y0 = state.get("y") if self.options.warm_start else None
+        if y0 is not None:
+            if not isinstance(y0, dict):
+                raise ValueError(f"sgld state['y'] must be inner params (dict[str, Tensor]), got {type(y0).__name__}")
+            check_same_keys(inner_start(problem, detached(x), task, graph=False), y0, "init_inner(x)", "sgld state['y']")
+        return state["step"], y0
+
+    def _adapt(self, problem, x, task, state):
+        # The same chain as _hypergrad (same start, same noise), without the g_m recursion: its last sample.
+        o = self.options
+        step, y0 = self._start(problem, x, task, state)
+        y = leaves(inner_start(problem, x, task, graph=False) if y0 is None else detached(y0))
+        generator = noise_generator(o.seed, step)
+        sigma = math.sqrt(2.0 * o.inner_lr * o.temperature) * o.noise_scale
+        for m in range(1, o.inner_steps + 1):
+            inner = problem.inner_loss(x, y, task)
+            check_finite(inner, f"inner_loss at Langevin step {m}", task)
+            y, _ = langevin_step(problem, x, y, grad_dict(inner, y), task, lr=o.inner_lr, sigma=sigma, generator=generator)
+        return detached(y)
+
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        if state is None:
-            step, y0 = 0, None
-        elif isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0:
-            step, y0 = state["step"], state.get("y") if o.warm_start else None
-        else:
-            raise ValueError(f"sgld state must be None or {{'step': int >= 0, 'y': params}} from the previous call, got {state!r}")
+        step, y0 = self._start(problem, x, task, state)
         h, y_last = sgld_hypergrad(
             problem, x, task, lr=o.inner_lr, temperature=o.temperature, noise_scale=o.noise_scale,
             burn_in=o.inner_steps - o.samples, samples=o.samples, generator=noise_generator(o.seed, step), y0=y0,

@@ -8,18 +8,21 @@ and the hypergradient of φ_T(x) = F(x, y_T(x)) is (eqs. 15-17)
 
     dφ_T/dx = ∂F/∂x + Z_Tᵀ ∂F/∂y_T,    Z_t = A_t Z_{t-1} + B_t,   A_t = ∂Ψ_t/∂y_{t-1},  B_t = ∂Ψ_t/∂x.
 
-RAD evaluates it backwards through the stored trajectory, FAD forwards (one JVP per outer coordinate),
+RAD evaluates it backwards through the stored trajectory (or through every k-th iterate, recomputing the rest:
+``checkpoint_every``, checkpoint.py), FAD forwards (one JVP per outer coordinate),
 TRAD keeps only the last M steps (eq. 20), DARTS one step with a finite-difference Hessian (eqs. 21-23).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from . import batched
 from .base import Solver, SolverOptions, nonnegative, option, positive, register
+from .checkpoint import CheckpointOptions, Checkpointed, Objective, Step, reverse
 from .core import (
     BilevelProblem,
     HyperGrad,
@@ -29,8 +32,10 @@ from .core import (
     detached,
     flatten,
     grad_dict,
+    inner_start,
     leaves,
     outer_eval,
+    project,
     tadd,
     tnorm,
     unflatten,
@@ -62,7 +67,7 @@ def gd_step(
         y_next = {k: y[k] - lr * g[k] for k in y}
     if not create_graph:
         y_next = detached(y_next)
-    return problem.project_inner(x, y_next)
+    return project(problem, x, y_next)
 
 
 def unroll(
@@ -100,63 +105,106 @@ def finish(
     return HyperGrad(grad=detached(grad), outer_loss=float(outer[0].detach()), inner_loss=inner, metrics=m, state=state)
 
 
+def gd_stepper(problem: BilevelProblem, task: Any, lr: float | Callable[[Params], Params], offset: int = 0) -> Step:
+    """The inner step of eq. 11 as ``step(x, y, t, create_graph=...)`` for ``checkpoint.reverse``: ``gd_step``
+    with step size ``lr`` (a float, or a function of x giving Meta-SGD's per-parameter ω). ``offset`` numbers
+    the steps in messages (t = 1 of trad's window is inner step T - M)."""
+
+    def step(x: Params, y: Params, t: int, *, create_graph: bool) -> Params:
+        return gd_step(problem, x, y, task, lr(x) if callable(lr) else lr, create_graph=create_graph, step=offset + t - 1)
+
+    return step
+
+
 def reverse_hypergrad(
-    problem: BilevelProblem, x: Params, task: Any, steps: int, lr: float, truncate: int | None = None
+    problem: BilevelProblem, x: Params, task: Any, steps: int, lr: float, truncate: int | None = None, *, every: int = 0
 ) -> tuple[Params, Params, tuple[Tensor, dict]]:
     """Reverse-mode hypergradient through the last ``truncate`` of ``steps`` inner steps (all when None).
 
     Returns (dF/dx, y_T, (F, problem metrics) at y_T). Steps before the truncation window run without a graph, so y_{T-M} is a constant:
     that is exactly the partial sum of eq. 20 (the B_t of earlier steps and of Ψ_0 are dropped).
+    ``every = k > 0`` checkpoints every k-th iterate of the window (checkpoint.py): same gradient, memory O(M/k + k).
     """
     x = leaves(x)
-    window = steps if truncate is None else min(truncate, steps)
-    y = problem.init_inner(x, task)
+    step, objective, window = reverse_parts(problem, x, task, steps, lr, truncate)
+    y = inner_start(problem, x, task)
     if window < steps:
         y = unroll(problem, x, detached(y), task, steps - window, lr, create_graph=False)
-    y = unroll(problem, x, y, task, window, lr, create_graph=True)
-    outer = outer_eval(problem, x, y, task)
-    return grad_dict(outer[0], x), y, outer
+    return reverse(step, objective, x, y, window, every, task)
+
+
+def reverse_parts(
+    problem: BilevelProblem, x: Params, task: Any, steps: int, lr: float | Callable[[Params], Params], truncate: int | None = None
+) -> tuple[Step, Objective, int]:
+    """(step, objective, differentiated steps) of a gradient-descent unroll, for ``checkpoint.reverse``."""
+    window = steps if truncate is None else min(truncate, steps)
+    return gd_stepper(problem, task, lr, steps - window), (lambda xx, yy: outer_eval(problem, xx, yy, task)), window
 
 
 @dataclass(frozen=True)
-class RADOptions(SolverOptions):
+class RADOptions(CheckpointOptions):
     pass
 
 
 @register
-class RAD(Solver):
+class RAD(batched.Batched, Checkpointed, Solver):
     """Reverse-mode AD through all T inner steps (survey 001 Alg. 3; Franceschi et al. 2017).
 
-    Exact gradient of φ_T(x) = F(x, y_T(x)); memory grows linearly with T.
+    Exact gradient of φ_T(x) = F(x, y_T(x)); memory grows linearly with T, or as O(T/k + k) with
+    ``checkpoint_every = k`` (checkpoint.py), or to fit ``memory_budget_mb``.
     """
 
     name = "rad"
     Options = RADOptions
     paper = "Franceschi et al. 2017, Forward and reverse gradient-based hyperparameter optimization (survey 001 §5.1)"
 
+    def _reverse_parts(self, problem, x, task):
+        return reverse_parts(problem, x, task, self.options.inner_steps, self.options.inner_lr)
+
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr)
-        return finish(problem, x, y, task, grad, outer=outer)
+        every = self.checkpoint_spacing(problem, x, task)
+        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr, every=every)
+        return finish(problem, x, y, task, grad, {"checkpoint_every": float(every)} if every else None, outer=outer)
+
+    def _surrogate(self, problem, x, tasks):
+        o = self.options
+        return batched.checkpoint_refusal(o) or (batched.unrolled(o.inner_steps, batched.constant_lr(o.inner_lr)), {})
 
 
 @dataclass(frozen=True)
-class TRADOptions(SolverOptions):
+class TRADOptions(CheckpointOptions):
     truncate: int = option(1, "back-propagate through only the last M inner steps (M = T equals rad)", positive)
 
 
 @register
-class TRAD(Solver):
-    """Truncated RAD: back-propagation through the last M of T steps only (survey 001 eq. 20; Shaban et al. 2019)."""
+class TRAD(batched.Batched, Checkpointed, Solver):
+    """Truncated RAD: back-propagation through the last M of T steps only (survey 001 eq. 20; Shaban et al. 2019).
+
+    ``checkpoint_every`` / ``memory_budget_mb`` checkpoint the differentiated window of M steps."""
 
     name = "trad"
     Options = TRADOptions
     paper = "Shaban et al. 2019, Truncated back-propagation for bilevel optimization (survey 001 eq. 20)"
 
+    def _reverse_parts(self, problem, x, task):
+        o = self.options
+        return reverse_parts(problem, x, task, o.inner_steps, o.inner_lr, o.truncate)
+
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr, truncate=o.truncate)
-        return finish(problem, x, y, task, grad, {"truncate": float(min(o.truncate, o.inner_steps))}, outer=outer)
+        every = self.checkpoint_spacing(problem, x, task)
+        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr, truncate=o.truncate, every=every)
+        metrics = {"truncate": float(min(o.truncate, o.inner_steps))}
+        if every:
+            metrics["checkpoint_every"] = float(every)
+        return finish(problem, x, y, task, grad, metrics, outer=outer)
+
+    def _surrogate(self, problem, x, tasks):
+        o = self.options
+        return batched.checkpoint_refusal(o) or (
+            batched.unrolled(o.inner_steps, batched.constant_lr(o.inner_lr), o.truncate),
+            {"truncate": float(min(o.truncate, o.inner_steps))})
 
 
 @dataclass(frozen=True)
@@ -188,14 +236,19 @@ class FAD(Solver):
                 "use rad for high-dimensional outer params, or raise max_outer_dim"
             )
 
+        # y_T and the losses first, without tangents: this also checks every loss is a finite scalar, so a bad
+        # problem fails here with a clear message instead of inside torch.func's forward-mode transform.
+        y = unroll(problem, x, inner_start(problem, x, task, graph=False), task, o.inner_steps, o.inner_lr, create_graph=False)
+        outer = outer_eval(problem, x, y, task)
+
         def inner_grad(xx: Params, yy: Params) -> Params:
             return torch.func.grad(lambda y_: problem.inner_loss(xx, y_, task))(yy)
 
         def phi(xx: Params) -> Tensor:
-            y = problem.init_inner(xx, task)
+            y = inner_start(problem, xx, task)
             for _ in range(o.inner_steps):
                 g = inner_grad(xx, y)
-                y = problem.project_inner(xx, tadd(y, g, -o.inner_lr))
+                y = project(problem, xx, tadd(y, g, -o.inner_lr))
             return problem.outer_loss(xx, y, task)
 
         flat = flatten(x)
@@ -205,9 +258,7 @@ class FAD(Solver):
             e[i] = 1.0
             _, d = torch.func.jvp(phi, (x,), (unflatten(e, x),))
             grad_flat[i] = d
-        # y_T for the reported losses and metrics (one more forward pass, without tangents).
-        y = unroll(problem, x, detached(problem.init_inner(x, task)), task, o.inner_steps, o.inner_lr, create_graph=False)
-        return finish(problem, x, y, task, unflatten(grad_flat, x))
+        return finish(problem, x, y, task, unflatten(grad_flat, x), outer=outer)
 
 
 @dataclass(frozen=True)
@@ -235,7 +286,7 @@ class DARTS(Solver):
     def _hypergrad(self, problem, x, task, state):
         o = self.options
         x = leaves(x)
-        y = unroll(problem, x, detached(problem.init_inner(x, task)), task, o.inner_steps - 1, o.inner_lr, create_graph=False)
+        y = unroll(problem, x, inner_start(problem, x, task, graph=False), task, o.inner_steps - 1, o.inner_lr, create_graph=False)
         y1 = leaves(gd_step(problem, x, y, task, o.inner_lr, create_graph=False))
         outer = outer_eval(problem, x, y1, task)
         gx, gy = grad_dict(outer[0], x, retain_graph=True), grad_dict(outer[0], y1)

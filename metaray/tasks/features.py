@@ -27,8 +27,9 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from ..solvers.core import BilevelProblem, Params
+from ..solvers.core import detached as detached_params
 from .episodes import Episode
-from .problems import _check_no_running_stats
+from .problems import _check_no_running_stats, batched_twin, episodes_batch, stack_episodes
 
 HEAD_KEYS = ("head.scale", "head.bias", "head.log_lam")
 HEAD_WEIGHT = "head.weight"
@@ -85,6 +86,9 @@ class FeatureProblem(BilevelProblem):
     def one_hot(self, labels: Tensor, like: Tensor) -> Tensor:
         if labels.dtype not in (torch.int64, torch.int32) or labels.ndim != 1:
             raise TypeError(f"labels must be a 1-D integer tensor of class indices, got {labels.dtype} of shape {tuple(labels.shape)}")
+        if not self.__dict__.get("_check_labels", True):  # the batched twin: labels were checked in stack_tasks,
+            # and Fn.one_hot reads values (which vmap cannot); the comparison gives the same 0/1 matrix
+            return (labels.long().unsqueeze(-1) == torch.arange(self.ways, device=labels.device)).to(like.dtype)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.ways):
             raise ValueError(f"labels must be in [0, {self.ways}) for a {self.ways}-way problem, got range "
                              f"[{int(labels.min())}, {int(labels.max())}]")
@@ -128,6 +132,30 @@ class FeatureProblem(BilevelProblem):
         with torch.no_grad():
             pred = self.logits(x, y, self.features(x, task.query_x)).argmax(-1)
         return {"accuracy": float((pred == task.query_y).float().mean())}
+
+    def outer_loss_and_metric_tensors(self, x: Params, y: Params, task: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        """The outer loss and the query accuracy as a tensor (what the batched, vmapped path can compute)."""
+        loss = self.outer_loss(x, y, task)
+        pred = self.logits(detached_params(x), {k: v.detach() for k, v in y.items()}, self.features(detached_params(x), task.query_x)).argmax(-1)
+        return loss, {"accuracy": (pred == task.query_y).float().mean()}
+
+    # ---- batching (metaray.solvers.batched) ------------------------------------------------------------
+
+    def batchable(self, tasks) -> bool:
+        """Tasks batch when they are Episodes of equal shapes."""
+        return episodes_batch(tasks)
+
+    def stack_tasks(self, tasks) -> Episode:
+        for t in tasks:  # labels are checked here: the range check reads values, which vmap cannot
+            self.one_hot(t.support_y, t.support_x)
+            self.one_hot(t.query_y, t.query_x)
+        return stack_episodes(tasks)
+
+    def batched(self) -> "FeatureProblem":
+        """This problem for vmapped tasks: BatchNorm computed functionally, label ranges checked in stack_tasks."""
+        twin = batched_twin(self, ["backbone"])
+        twin.__dict__["_check_labels"] = False
+        return twin
 
     def _head(self, x: Params, key: str) -> Tensor:
         if key not in x:

@@ -2,7 +2,8 @@
 initialization and each task adapts a copy of it on its support set."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import copy
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as Fn
@@ -10,6 +11,38 @@ from torch import Tensor, nn
 
 from ..solvers.core import BilevelProblem, Params
 from .episodes import Episode
+from .models import functional_batch_norm
+
+
+EPISODE_TENSORS = ("support_x", "support_y", "query_x", "query_y")
+
+
+def episodes_batch(tasks: Sequence[Any]) -> bool:
+    """Whether tasks are Episodes with equal shapes, dtypes and devices (so they stack along a new dim 0)."""
+    if not tasks or not all(isinstance(t, Episode) for t in tasks):
+        return False
+    sig = [[(tuple(getattr(t, f).shape), getattr(t, f).dtype, getattr(t, f).device) for f in EPISODE_TENSORS] for t in tasks]
+    return all(s == sig[0] for s in sig)
+
+
+def stack_episodes(tasks: Sequence[Episode]) -> Episode:
+    """One Episode whose tensors have the tasks along a new leading dimension (``info`` is dropped)."""
+    return Episode(*(torch.stack([getattr(t, f) for t in tasks]) for f in EPISODE_TENSORS), info={})
+
+
+def batched_twin(problem: Any, modules: Sequence[str]) -> Any:
+    """A shallow copy of ``problem`` whose named modules compute BatchNorm functionally (models.py): the
+    problem to call under ``torch.func.vmap``. Cached on the problem, rebuilt if its modules moved."""
+    key = tuple((name, str(p.device), p.dtype) for name in modules for p in list(getattr(problem, name).parameters())[:1])
+    cached = problem.__dict__.get("_batched_twin")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    twin = copy.copy(problem)
+    twin.__dict__.pop("_batched_twin", None)
+    for name in modules:
+        setattr(twin, name, functional_batch_norm(getattr(problem, name)))
+    problem.__dict__["_batched_twin"] = (key, twin)
+    return twin
 
 def mse(out: Tensor, target: Tensor) -> Tensor:
     """Mean squared error. Written out rather than ``F.mse_loss``, whose backward produces ZeroTensors that
@@ -94,8 +127,27 @@ class ModelProblem(BilevelProblem):
 
     def outer_loss_and_metrics(self, x: Params, y: Params, task: Episode) -> tuple[Tensor, dict[str, float]]:
         """Query loss and accuracy from one forward pass (solvers use this to avoid a second one)."""
+        loss, metrics = self.outer_loss_and_metric_tensors(x, y, task)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+    def outer_loss_and_metric_tensors(self, x: Params, y: Params, task: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        """``outer_loss_and_metrics`` with the metrics as tensors: what the batched (vmapped) path can compute."""
         out = self.forward(y, task.query_x)
         loss = self.loss(out, task.query_y)
         if self.loss_name != "cross_entropy":
             return loss, {}
-        return loss, {"accuracy": float((out.detach().argmax(-1) == task.query_y).float().mean())}
+        return loss, {"accuracy": (out.detach().argmax(-1) == task.query_y).float().mean()}
+
+    # ---- batching (metaray.solvers.batched) ------------------------------------------------------------
+
+    def batchable(self, tasks: Sequence[Any]) -> bool:
+        """Tasks batch when they are Episodes of equal shapes (same ways, shots, queries, input size)."""
+        return episodes_batch(tasks)
+
+    def stack_tasks(self, tasks: Sequence[Episode]) -> Episode:
+        return stack_episodes(tasks)
+
+    def batched(self) -> "ModelProblem":
+        """This problem for vmapped tasks: BatchNorm computed with plain tensor ops (per-task batch statistics,
+        as in the loop), because torch's BatchNorm batching rule is wrong in second order (NOTES.md)."""
+        return batched_twin(self, ["model"])

@@ -75,3 +75,27 @@ class PoisonedSource:
             else:
                 task.t = torch.full_like(task.t, math.nan)
         return task
+
+
+@dataclass(frozen=True)
+class CrashOnceSource:
+    """Another source's tasks, except that the first process to sample ``crash_key`` exits at once (a real actor
+    death, so the pool restarts the actor and re-dispatches); ``marker`` (a file every process of the machine
+    sees) records that it happened, so the restarted actor computes the task normally."""
+
+    base: Any
+    crash_key: tuple
+    marker: str
+
+    def sample(self, key):
+        import os
+
+        if tuple(key) == tuple(self.crash_key):
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: only one process crashes
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                os._exit(1)
+        return self.base.sample(key)

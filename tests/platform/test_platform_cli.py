@@ -134,7 +134,9 @@ def test_demo_on_a_local_ray_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_to_a_local_head_node_with_token_auth(tmp_path):
+def test_submit_right_after_ray_start_waits_for_the_job_agent_and_says_where_results_are(tmp_path):
+    """As a user would: `ray start --head`, then at once `metaray submit` (no waiting of our own: the dashboard
+    and its job agent come up seconds later on a loaded machine, and submit must wait for them)."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     ray_exe = str(Path(PY).parent / "ray")
     port, dash = 26379, 28265
@@ -142,30 +144,21 @@ def test_submit_to_a_local_head_node_with_token_auth(tmp_path):
                              "--include-dashboard=true"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import urllib.request
-
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-                break
-            except Exception as e:  # noqa: BLE001 (401 means the dashboard is up with auth on)
-                if getattr(e, "code", None) == 401:
-                    break
-                time.sleep(1)
         work = tmp_path / "job"
         work.mkdir()
+        results = tmp_path / "results"
         (work / "cfg.toml").write_text(CONFIG.replace("STEPS", "3").replace('backend = "inprocess"', 'backend = "ray"').replace("num_workers = 2", "num_workers = 1"))
-        for _ in range(30):  # the head's job agent comes up some seconds after the dashboard
-            out = subprocess.run([PY, "-m", "metaray.platform.cli", "submit", "cfg.toml", "--address", f"http://127.0.0.1:{dash}",
-                                  "--working-dir", str(work), "--python", PY,
-                                  "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}})],
-                                 cwd=work, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in out.stderr:
-                break
-            time.sleep(2)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-        assert "succeeded" in (out.stdout + out.stderr).lower() and "meta-test" in out.stdout
+        out = subprocess.run([PY, "-m", "metaray.platform.cli", "submit", "cfg.toml", "--address", f"http://127.0.0.1:{dash}",
+                              "--working-dir", str(work), "--python", PY, "--output-dir", str(results), "--agent-timeout", "300",
+                              "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}})],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        text = out.stdout + out.stderr
+        assert out.returncode == 0, text[-3000:]
+        assert "succeeded" in text.lower() and "meta-test" in out.stdout
+        (run_dir,) = results.iterdir()  # the absolute --output-dir, not the job's temporary working dir
+        assert f"results: {run_dir}" in out.stdout, out.stdout[-2000:]
+        assert f"metaray: run directory {run_dir}" in out.stdout  # the job's own log line, streamed back
+        assert metaray.RunResult(run_dir, {}).table.num_rows == 3
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)

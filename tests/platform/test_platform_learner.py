@@ -81,6 +81,19 @@ def test_a_non_finite_update_is_never_applied():
         MetaLearner(pool, {"x": torch.full((3,), float("nan"), dtype=torch.float64)}, OuterConfig(), TasksConfig(meta_batch_size=1))
 
 
+def test_a_diverged_neumann_hypergradient_is_never_applied():
+    """ift-neumann with α·λmax > 2 returns a finite sum off by orders of magnitude: the step must be refused."""
+    setup = build_problem("quadratic", {}, seed=3, dtype="float64")
+    opts = {"inner_steps": T, "inner_lr": S, "neumann_alpha": 50.0, "neumann_terms": 30}
+    pool = LocalPool(WorkerSpec(setup.make_problem, "ift-neumann", opts, setup.source, dtype="float64"),
+                     ClusterConfig(num_workers=1), "diverged")
+    learner = MetaLearner(pool, setup.initial_params, OuterConfig(optimizer="sgd", lr=0.1), TasksConfig(meta_batch_size=2))
+    before = learner.x["x"].clone()
+    with pytest.warns(RuntimeWarning, match="retrying once"), pytest.raises(NonFiniteError, match="Neumann series diverges"):
+        learner.step()
+    assert torch.equal(learner.x["x"], before) and learner.step_count == 0
+
+
 def test_meta_test_mean_and_ci_over_tasks():
     setup = build_problem("sinusoid", {"shots": 5, "queries": 5}, seed=0, dtype="float64")
     spec = WorkerSpec(setup.make_problem, "maml", {"inner_steps": 1, "inner_lr": 0.01}, setup.source, dtype="float64")

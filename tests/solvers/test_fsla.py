@@ -11,14 +11,7 @@ PROBLEM = LeastSquaresBilevel()
 TASK = least_squares_task(dim=5, samples=10_000, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Matrix-vector products of 10,000 × 5 are too small to share: with 2 threads on a busy 2-core machine
-    one FSLA call measured ~120 ms instead of ~5 ms (spinning threads). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hypergradient_error_falls_below_1e_3_at_fixed_x():
@@ -117,3 +110,94 @@ def test_options_and_state_validated():
     with pytest.raises(ValueError, match="fsla state"):
         S.make("fsla").hypergrad(PROBLEM, PROBLEM.initial_params(TASK), TASK, state={"step": 1})
     assert S.get("fsla").stateful
+
+
+class CoupledProblem:
+    """A non-quadratic problem where Algorithm 1's correction term can tell (x_k, y_k) from (x_{k+1}, y_{k+1}):
+    ∇_x F ≠ 0 and depends on y and ξ, and ∇²_xy f = diag((2 + ξ) y) depends on y and ξ (the least-squares
+    problem above has ∇_x F = 0 and a constant ∇²_xy f, so it cannot). Duck-typed: no base class, no project_inner.
+
+        f(x, y; ξ) = ½‖y − ξ‖² + Σ (1 + ξ/2) x y² + ⅛ Σ y⁴,      F(x, y; ξ) = ½‖y − 1‖² + Σ (1 + ξ/3) sin(x) y + 0.05‖x‖²
+    """
+
+    def init_inner(self, x, task):
+        return {"y": torch.zeros_like(x["x"])}
+
+    def inner_loss(self, x, y, task):
+        w = y["y"]
+        return 0.5 * ((w - task) ** 2).sum() + ((1 + 0.5 * task) * x["x"] * w**2).sum() + 0.125 * (w**4).sum()
+
+    def outer_loss(self, x, y, task):
+        w = y["y"]
+        return 0.5 * ((w - 1.0) ** 2).sum() + ((1 + task / 3) * torch.sin(x["x"]) * w).sum() + 0.05 * (x["x"] ** 2).sum()
+
+
+def algorithm_1_reference(xs, tasks, tau, beta, eta):
+    """Paper 004 Algorithm 1 written out with dense derivatives (torch.func.hessian / jacrev), no solver code."""
+    P = CoupledProblem()
+
+    def f(x, y, xi):
+        return P.inner_loss({"x": x}, {"y": y}, xi)
+
+    def F(x, y, xi):
+        return P.outer_loss({"x": x}, {"y": y}, xi)
+
+    grad_y_f = torch.func.grad(f, argnums=1)
+    hess_yy = torch.func.hessian(f, argnums=1)
+    hess_xy = torch.func.jacrev(grad_y_f, argnums=0)  # [i, j] = ∂²f / ∂y_i ∂x_j
+
+    def g_hat(x, y, v, xi):  # line 8: ∇_x F − ∇²_xy f v
+        return torch.func.grad(F, argnums=0)(x, y, xi) - hess_xy(x, y, xi).T @ v
+
+    y = torch.zeros_like(xs[0])
+    v = torch.zeros_like(xs[0])
+    ds, x_prev, d = [], None, None
+    for k, (x, xi) in enumerate(zip(xs, tasks)):
+        y_new = y - tau * grad_y_f(x, y, xi)                                                    # line 6
+        v_new = beta * torch.func.grad(F, argnums=1)(x, y, xi) + v - beta * hess_yy(x, y, xi) @ v  # line 7
+        g_new = g_hat(x, y_new, v_new, xi)
+        d = g_new if k == 0 else g_new + (1 - eta) * (d - g_hat(x_prev, y, v, xi))              # line 9
+        ds.append(d)
+        x_prev, y, v = x, y_new, v_new
+    return ds
+
+
+def test_algorithm_1_on_a_problem_whose_correction_term_sees_the_iterates():
+    gen = torch.Generator().manual_seed(11)
+    n, steps = 3, 6
+    tasks = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    solver = S.make("fsla", inner_lr=0.3, beta=0.25, eta=0.4)
+    x = {"x": 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)}
+    xs, got, state = [], [], None
+    for xi in tasks:
+        xs.append(x["x"].clone())
+        hg = solver.hypergrad(CoupledProblem(), x, xi, state)
+        got.append(hg.grad["x"])
+        state = hg.state
+        x = {"x": x["x"] - 0.2 * hg.grad["x"]}  # the outer update the meta-learner applies between calls
+    ref = algorithm_1_reference(xs, tasks, 0.3, 0.25, 0.4)
+    for k in range(steps):
+        assert torch.allclose(got[k], ref[k], rtol=1e-12, atol=1e-14), k
+    # the correction term matters here: dropping it (η = 1) gives a different d from the second step on
+    plain = algorithm_1_reference(xs, tasks, 0.3, 0.25, 1.0)
+    assert float((plain[2] - ref[2]).norm()) > 1e-3
+
+
+def test_corrupted_state_is_refused_with_what_is_wrong():
+    solver, x, P = S.make("fsla"), {"x": torch.ones(3, dtype=torch.float64)}, CoupledProblem()
+    task = torch.zeros(3, dtype=torch.float64)
+    good = solver.hypergrad(P, x, task).state
+    cases = [
+        ({**good, "step": -3}, "int >= 0"),
+        ({**good, "step": True}, "int >= 0"),
+        ({k: v for k, v in good.items() if k != "v"}, "missing \\['v'\\]"),
+        ({**good, "y": torch.zeros(3)}, "state\\['y'\\] must be params"),
+        ({**good, "d": {"z": torch.zeros(3)}}, "fsla state\\['d'\\] must have the same keys"),
+        ({**good, "v": {"y": torch.zeros(5, dtype=torch.float64)}}, "shape"),
+        ([1, 2], "must be None or the dict"),
+    ]
+    for state, message in cases:
+        with pytest.raises(ValueError, match=message):
+            solver.hypergrad(P, x, task, state)
+        with pytest.raises(ValueError, match=message):
+            solver.evaluate(P, x, task, state)

@@ -218,3 +218,40 @@ def test_bad_options_raise_clear_errors():
         S.make("ift-cg", warm_start=1)
     with pytest.raises(ValueError, match="valid options"):
         S.make("imaml", warm_start=True)
+
+
+def test_diverging_neumann_series_is_refused_not_returned():
+    """α·λmax > 2: the partial sums grow without bound, so the 'hypergradient' is finite but meaningless."""
+    P = QuadraticProblem()
+    task = quadratic_task(3, 6, seed=5, cond=8.0)
+    x = P.initial_params(task)
+    lam_max = float(torch.linalg.eigvalsh(task.A).max())
+    alpha = 3.0 / lam_max
+    with pytest.raises(S.DivergedError, match=r"diverges .* neumann_alpha below") as err:
+        S.make("ift-neumann", inner_steps=20, neumann_alpha=alpha, neumann_terms=40).hypergrad(P, x, task)
+    assert isinstance(err.value, S.NonFiniteError)  # so the pool and meta-learner refuse it like a NaN
+    # the message's estimate of λmax comes from the growth rate |1 − α λmax| per term
+    suggested = float(str(err.value).split("neumann_alpha below ")[1].split(",")[0])
+    assert suggested == pytest.approx(2.0 / lam_max, rel=1e-3)
+    ok = S.make("ift-neumann", inner_steps=200, neumann_alpha=0.9 * suggested, neumann_terms=400).hypergrad(P, x, task)
+    assert rel(ok.grad["x"], P.implicit_hypergrad(task, x["x"])) < 1e-4
+
+
+def test_corrupted_warm_start_states_are_refused_by_name():
+    P = QuadraticProblem()
+    task = quadratic_task(3, 6, seed=5, cond=8.0)
+    x = P.initial_params(task)
+    for name in ("ift-cg", "ift-neumann"):
+        solver = S.make(name, inner_steps=5, warm_start=True)
+        good = solver.hypergrad(P, x, task).state
+        for state, message in [
+            ({"q": good["q"]}, "warm-start state must be"),
+            ({"y": [1.0], "q": None}, "warm-start state must be"),
+            ({"y": good["y"], "q": {"wrong": torch.zeros(6, dtype=D64)}}, r"state\['q'\] must have the same keys"),
+            ({"y": good["y"], "q": torch.zeros(6, dtype=D64)}, r"state\['q'\] must be inner params"),
+            ({"y": {k: v[:2] for k, v in good["y"].items()}, "q": None}, "shape"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                solver.hypergrad(P, x, task, state)
+            with pytest.raises(ValueError, match=message):
+                solver.evaluate(P, x, task, state)

@@ -24,14 +24,7 @@ from metaray.tasks import RandomQuadratics, SyntheticClassification
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These nets are tiny: intra-op threads only add contention (measured: 8 s with 1 thread, > 5 min with 2
-    on a loaded 2-core machine for the meta-training test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------

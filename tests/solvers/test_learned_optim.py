@@ -13,12 +13,7 @@ from metaray.solvers.learned_optim import LearnedOptimizer, checkpoint
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -201,3 +201,35 @@ def test_meta_training_with_ridge_beats_the_untrained_backbone():
 def test_meta_training_with_ridge_long_run():
     before, after = meta_train(steps=300)
     assert after > 0.9 and after > before + 0.45, (before, after)
+
+
+class VectorLambda:
+    """A duck-typed ridge problem whose ridge_system returns one λ per feature (not what R2D2 defines)."""
+
+    def __init__(self, lam):
+        self.lam = lam
+
+    def ridge_system(self, x, task):
+        return task @ x["p"], torch.eye(4, 2, dtype=D64), self.lam
+
+    def init_inner(self, x, task):
+        return {"head.weight": torch.zeros(3, 2, dtype=D64)}
+
+    def inner_loss(self, x, y, task):
+        return ((task @ x["p"] @ y["head.weight"]) ** 2).sum()
+
+    def outer_loss(self, x, y, task):
+        return ((task @ x["p"] @ y["head.weight"] - 1.0) ** 2).sum()
+
+
+def test_lambda_must_be_one_positive_scalar_and_inner_steps_nonnegative():
+    x, task = {"p": torch.ones(5, 3, dtype=D64)}, torch.eye(4, 5, dtype=D64)
+    with pytest.raises(ValueError, match=r"λ must be a scalar tensor .* got shape \(3,\)"):
+        S.make("ridge").hypergrad(VectorLambda(torch.ones(3, dtype=D64)), x, task)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        S.make("ridge").hypergrad(VectorLambda(torch.tensor(float("nan"), dtype=D64)), x, task)
+    with pytest.raises(TypeError, match="tuple of three tensors"):
+        S.make("ridge").hypergrad(VectorLambda(1.0), x, task)
+    assert S.make("ridge").hypergrad(VectorLambda(torch.tensor([0.5], dtype=D64)), x, task).metrics["lam"] == 0.5
+    with pytest.raises(ValueError, match="inner_steps"):
+        S.make("ridge", inner_steps=-1)

@@ -1,0 +1,102 @@
+"""``ClusterConfig.tasks_per_batch``: actors computing their tasks in ``hypergrad_batch`` chunks (vmapped) give the
+outer trajectory of the one-task-per-call path, to the reduction's precision (the batched per-task gradients
+equal the loop's to rounding, and the driver reduces per-task results in key order either way); in process and
+on a real Ray pool; non-finite tasks in a chunk still fail the step cleanly."""
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from metaray.cluster import ClusterConfig, InProcessPool, NonFiniteStepError, WorkerPool, WorkerSpec
+from metaray.platform.config import ClusterSettings, ConfigError
+from metaray.solvers.batched import BatchFallbackWarning
+from metaray.tasks import ModelProblem, SinusoidSource, mlp
+
+from cluster_helpers import PoisonedSource
+
+HERE = Path(__file__).resolve().parent
+TASKS, STEPS, LR = 6, 3, 0.01
+
+
+def spec(source=None) -> WorkerSpec:
+    torch.manual_seed(0)
+    return WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver="maml",
+                      solver_options={"inner_steps": 2, "inner_lr": 0.01}, source=source or SinusoidSource(dtype=torch.float64),
+                      dtype="float64", imports=("cluster_helpers",))
+
+
+def x0() -> dict:
+    torch.manual_seed(0)
+    return {k: v.detach().double() for k, v in mlp([1, 40, 40, 1]).named_parameters()}
+
+
+def train(pool, steps=STEPS):
+    x, losses = x0(), []
+    for s in range(steps):
+        r = pool.step(x, [("train", s, i) for i in range(TASKS)])
+        x = {k: x[k] - LR * r.grad[k] for k in x}
+        losses.extend(t["outer_loss"] for t in r.per_task)
+    return x, losses
+
+
+def rel(a: dict, b: dict) -> float:
+    return sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5 / sum(float(b[k].norm()) ** 2 for k in b) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def loop_reference():
+    with InProcessPool(spec()) as p:
+        x, losses = train(p)
+    assert rel(x, x0()) > 1e-4  # training moved x
+    return x, losses
+
+
+@pytest.mark.parametrize("per_batch", [4, "auto"])
+def test_in_process_batches_follow_the_loop_trajectory(loop_reference, per_batch):
+    cfg = ClusterConfig(num_workers=1, metrics=False, tasks_per_batch=per_batch)
+    with InProcessPool(spec(), cfg) as p, warnings.catch_warnings():
+        warnings.simplefilter("error", BatchFallbackWarning)  # the chunks are really vmapped
+        x, losses = train(p)
+        choice = p._learner.batch_choice
+    ref_x, ref_losses = loop_reference
+    assert rel(x, ref_x) < 1e-10
+    assert losses == pytest.approx(ref_losses, rel=1e-10)
+    if per_batch == "auto":  # measured once, on the first step, whose results are the loop's
+        assert set(choice) == {"batched", "loop_s_per_task", "batched_s_per_task", "tasks"} and choice["tasks"] == TASKS
+
+
+def test_a_nonfinite_task_in_a_batch_fails_the_step_cleanly():
+    cfg = ClusterConfig(num_workers=1, metrics=False, tasks_per_batch=3)
+    with InProcessPool(spec(PoisonedSource(SinusoidSource(dtype=torch.float64), bad=((0, 4),))), cfg) as p:
+        with pytest.warns(RuntimeWarning, match=r"task \('train', 0, 4\)"):
+            with pytest.raises(NonFiniteStepError, match=r"\('train', 0, 4\)"):
+                p.step(x0(), [("train", 0, i) for i in range(TASKS)])
+
+
+def test_tasks_per_batch_is_validated():
+    for bad in (0, -1, "fast", 2.5, True):
+        with pytest.raises(ValueError, match="tasks_per_batch"):
+            ClusterConfig(tasks_per_batch=bad)
+    assert ClusterSettings(tasks_per_batch="auto").cluster_config().tasks_per_batch == "auto"
+    with pytest.raises(ConfigError, match="tasks_per_batch"):
+        ClusterSettings(tasks_per_batch=0)
+
+
+@pytest.mark.slow
+def test_ray_actors_running_batches_follow_the_loop_trajectory(loop_reference):
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}})
+    try:
+        for per_batch in (2, "auto"):
+            cfg = ClusterConfig(num_workers=2, num_cpus_per_worker=1, metrics=False, tasks_per_batch=per_batch)
+            with WorkerPool(spec(), cfg, f"batch-{per_batch}") as pool:
+                x, losses = train(pool)
+            assert rel(x, loop_reference[0]) < 1e-10, per_batch
+            assert losses == pytest.approx(loop_reference[1], rel=1e-10)
+    finally:
+        ray.shutdown()
