@@ -184,7 +184,9 @@ def actors(wl: dict, device, counts, steps: int) -> dict:
     torch.manual_seed(0)
     x = ModelProblem(wl["model"](), "cross_entropy").initial_params()
     out = {}
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # inside a process that already runs Ray (a test session), join it
+    if started:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         for n in counts:
             gpus = 1.0 / n if device.type == "cuda" else 0.0
@@ -203,7 +205,8 @@ def actors(wl: dict, device, counts, steps: int) -> dict:
             except Exception as e:  # noqa: BLE001
                 out[str(n)] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     return out
 
 
