@@ -21,7 +21,7 @@ from . import batched
 from .base import Solver, SolverOptions, nonnegative, option, positive, register
 from .checkpoint import CheckpointOptions, Checkpointed, reverse
 from .core import Params, grad_dict, inner_start, leaves, outer_eval, tadd, vjp_dict
-from .unrolled import finish, gd_step, reverse_hypergrad, reverse_parts, unroll
+from .unrolled import RAD, finish, gd_step, unroll
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class MAMLOptions(FirstOrderOptions, CheckpointOptions):
 
 
 @register
-class MAML(batched.Batched, Checkpointed, Solver):
+class MAML(RAD):
     """Second-order MAML (Finn et al. 2017): the exact gradient of F(x, y_T(x)) through the adaptation.
 
     Computationally this is reverse-mode AD through the inner loop (``rad``); MAML is the special case where
@@ -48,19 +48,7 @@ class MAML(batched.Batched, Checkpointed, Solver):
     name = "maml"
     Options = MAMLOptions
     paper = "Finn, Abbeel, Levine 2017, Model-agnostic meta-learning (survey 001 eqs. 24-26)"
-
-    def _reverse_parts(self, problem, x, task):
-        return reverse_parts(problem, x, task, self.options.inner_steps, self.options.inner_lr)
-
-    def _hypergrad(self, problem, x, task, state):
-        o = self.options
-        every = self.checkpoint_spacing(problem, x, task)
-        grad, y, outer = reverse_hypergrad(problem, x, task, o.inner_steps, o.inner_lr, every=every)
-        return finish(problem, x, y, task, grad, {"checkpoint_every": float(every)} if every else None, outer=outer)
-
-    def _surrogate(self, problem, x, tasks):
-        o = self.options
-        return batched.checkpoint_refusal(o) or (batched.unrolled(o.inner_steps, batched.constant_lr(o.inner_lr)), {})
+    # The computation is rad's (inherited): only the name, the defaults and the paper differ.
 
 
 def first_order_adaptation(problem, x: Params, task: Any, steps: int, lr: float) -> tuple[Params, Params, Params]:
