@@ -14,14 +14,13 @@ each mode against the loop's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import rel_err, table  # noqa: E402
+from common import rel_err, table, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -98,11 +97,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    text = json.dumps(build(args.quick), indent=1, default=float)
-    if args.json:
-        Path(args.json).write_text(text)
-    else:
-        print(text)
+    write_section(args.json, build(args.quick))
 
 
 if __name__ == "__main__":

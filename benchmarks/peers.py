@@ -515,11 +515,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_side(args.side, args.workload, args.tasks, args.repeats, args.grads)))
         return
     section = orchestrate(args.quick, args.threads, Path(args.img_dir), args.only.split(",") if args.only else None)
-    text = json.dumps(section, indent=1, default=float)
-    if args.json:
-        Path(args.json).write_text(text)
-    else:
-        print(text)
+    from common import write_section
+
+    write_section(args.json, section)
 
 
 if __name__ == "__main__":

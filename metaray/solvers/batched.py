@@ -28,6 +28,7 @@ MAML and the loop.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import warnings
@@ -203,15 +204,16 @@ def mean_hypergrad(problem: Any, x: Params, tasks: Sequence[Any], surrogate: Sur
 # ----------------------------------------------------------------------------------------------------------
 
 
-class Batched:
+class Batched(abc.ABC):
     """Mixin (before ``Solver`` in the bases) that batches ``hypergrad_batch`` by vmap over tasks.
 
     A solver provides ``_surrogate(problem, x, tasks) -> (surrogate, solver metrics)``, or a string saying why
     this configuration does not batch (then the loop runs, with one warning per solver instance).
     """
 
+    @abc.abstractmethod
     def _surrogate(self, problem: Any, x: Params, tasks: Sequence[Any]) -> tuple[Surrogate, dict] | str:
-        raise NotImplementedError
+        """The hook each solver using this mixin defines (see the class docstring)."""
 
     def _batch_plan(self, problem: Any, x: Params, tasks: Sequence[Any]) -> tuple[Surrogate, dict] | None:
         why = refusal(problem, tasks)

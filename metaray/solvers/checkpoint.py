@@ -39,6 +39,7 @@ a message naming what would fit (fewer steps, trad, an implicit solver, first or
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -408,12 +409,13 @@ def _signature(obj: Any, depth: int = 0) -> Any:
     return type(obj).__name__
 
 
-class Checkpointed:
+class Checkpointed(abc.ABC):
     """Mixin of the solvers that differentiate through their unroll. A solver provides ``_reverse_parts``:
     its step, its objective and the number of differentiated steps; the mixin resolves the spacing."""
 
+    @abc.abstractmethod
     def _reverse_parts(self, problem: Any, x: Params, task: Any) -> tuple[Step, Objective, int]:
-        raise NotImplementedError
+        """The hook each solver using this mixin defines (see the class docstring)."""
 
     def checkpoint_spacing(self, problem: Any, x: Params, task: Any) -> int:
         """``checkpoint_every``, or the spacing ``memory_budget_mb`` allows (probed once per task signature)."""
