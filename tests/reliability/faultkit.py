@@ -105,20 +105,6 @@ def rss_bytes(pid: int | None = None) -> int:
     return 0
 
 
-def release_free_heap() -> None:
-    """glibc's ``malloc_trim(0)``: hands freed heap pages back to the OS, so this process's RSS measures live
-    memory rather than what the allocator happens to keep cached after frees (noise that a soak's RSS slope
-    would otherwise read as growth). A no-op where glibc is not the C library."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
 def listening_addresses(port: int) -> set[str]:
     """Local IP addresses with a TCP socket listening on ``port`` (from /proc/net/tcp{,6})."""
     out = set()
