@@ -57,6 +57,8 @@ BENCHES = [
     Bench("cluster", "Scaling on Ray", "cluster_scaling.py", "text", full_args=[],
           quick_args=["--steps", "2", "--tasks", "4", "--broadcast-mb", "20"],
           timeout_full=300, timeout_quick=90, json_args=False),
+    Bench("scale_out", "Scale-out: where the task hypergradients are reduced", "scale_out.py", "json",
+          timeout_full=420, timeout_quick=150),
     Bench("fewshot", "Few-shot accuracy at a fixed compute budget", "fewshot_accuracy.py", "json",
           timeout_full=420, timeout_quick=60),
 ]

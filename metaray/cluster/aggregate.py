@@ -1,8 +1,9 @@
 """Combining per-task hypergradients into one outer gradient.
 
-The gradients arrive in task-key order (the order of the keys the meta-learner asked for) and are combined in
-that order with a fixed sequence of floating-point operations, so the result is bit-identical whatever number of
-actors computed them.
+The linear rules (mean, weighted) are an exact fixed-point sum (``reduce.py``): the result depends on the set of
+task gradients only, not on their order, so the actors can reduce among themselves and any number of them gives
+the same bits as this one-process version. The robust rules sort each coordinate across tasks (their result is
+order-free too) and need every task's gradient in one place.
 
     mean:          g = (1/n) Σ_i g_i
     weighted:      g = Σ_i w_i g_i / Σ_i w_i                  (w_i >= 0, Σ w_i > 0; e.g. task sizes)
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from ..solvers.core import Params
 from .config import AGGREGATIONS
+from .reduce import coefficients, exact_sum
 
 
 def _stack(grads: Sequence[Params], k: str) -> Tensor:
@@ -56,20 +58,11 @@ def aggregate(
     elif weights is not None:
         raise ValueError(f"weights are only used by aggregation 'weighted', not {rule!r}")
 
+    if rule in ("mean", "weighted"):
+        return exact_sum(grads, coefficients(rule, n, w if rule == "weighted" else None))
     out: Params = {}
     for k in keys:
-        if rule == "mean":
-            acc = grads[0][k].clone()
-            for g in grads[1:]:
-                acc.add_(g[k])
-            out[k] = acc / n
-        elif rule == "weighted":
-            total = sum(w)
-            acc = grads[0][k] * (w[0] / total)
-            for wi, g in zip(w[1:], grads[1:]):
-                acc.add_(g[k], alpha=wi / total)
-            out[k] = acc
-        elif rule == "median":
+        if rule == "median":
             s = _sorted(grads, k)
             # the mean of the two middle values for even n (torch.median would return the lower one)
             out[k] = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2

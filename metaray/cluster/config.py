@@ -13,6 +13,8 @@ from ..solvers.core import BilevelProblem
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 AGGREGATIONS = ("mean", "weighted", "median", "trimmed_mean")
+LINEAR_AGGREGATIONS = ("mean", "weighted")  # reduced by an exact sum on the actors (reduce.py)
+REDUCTIONS = ("actors", "driver")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -108,7 +110,12 @@ class ClusterConfig:
                           the actor's tasks; "auto" = all of its tasks in one call if a measurement on its first
                           step says batching is faster there, else one at a time. Stateful solvers, evaluation
                           and pools with ``step_timeout_s`` (stragglers are re-dispatched per task) run one at a
-                          time. Per-task results still go to the driver, which reduces them in key order.
+                          time.
+    reduction:            "actors" (default): with a linear aggregation (mean, weighted) and a stateless solver,
+                          each actor keeps its tasks' gradients on its device and the actors' exact int64 partial
+                          sums are combined (cluster/reduce.py), so the driver receives no per-task gradient;
+                          "driver": every task's gradient goes to the driver, which aggregates them (what the
+                          robust rules and stateful solvers always do). Both give the same bits.
     """
 
     num_workers: int = 2
@@ -125,6 +132,7 @@ class ClusterConfig:
     progress: bool = False
     state_snapshot_every: int = 1
     tasks_per_batch: int | str = 1
+    reduction: str = "actors"
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -159,6 +167,8 @@ class ClusterConfig:
         b = self.tasks_per_batch
         if b != "auto" and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
             raise bad("tasks_per_batch", 'an int >= 1 or "auto"')
+        if self.reduction not in REDUCTIONS:
+            raise bad("reduction", f"one of {list(REDUCTIONS)}")
 
 
 def check_spec_for_config(spec: WorkerSpec, config: ClusterConfig) -> None:

@@ -40,7 +40,8 @@ from ..solvers import get as get_solver
 from ..solvers.core import NonFiniteError, Params, check_params, check_same_keys, tnorm
 from ..tasks.base import check_key
 from .aggregate import aggregate
-from .config import ClusterConfig, WorkerSpec, check_spec_for_config
+from .config import LINEAR_AGGREGATIONS, ClusterConfig, WorkerSpec, check_spec_for_config
+from .reduce import add_into, coefficients, decode, exponents
 from .worker import InnerLearner, TaskId, owner, task_id
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -121,6 +122,7 @@ class _PoolBase(abc.ABC):
         self._snapshot: dict[TaskId, Any] = {}  # the driver's copy of per-task state (stateful solvers)
         self._has_state: set[TaskId] = set()    # tasks whose state some worker must hold
         self._steps = 0
+        self._grad_bytes = 0  # gradient bytes the driver received in the last train step
         self._closed = False
         self._events: list[str] = []
 
@@ -193,17 +195,25 @@ class _PoolBase(abc.ABC):
         every = self.config.state_snapshot_every
         snapshot = self.stateful and mode == "train" and every > 0 and self._steps % every == 0
         self._events: list[str] = []
+        keep = mode == "train" and self._reduces_on_actors()
         try:
-            results, restarts, retries = self._run(x, keys, mode, snapshot)
+            results, restarts, retries = self._run(x, keys, mode, snapshot, keep)
         except NonFiniteStepError:
             if self.stateful and mode == "train":
                 self._rollback(keys)
             raise
 
         if mode == "train":
-            for r in results:
-                check_same_keys(x, r["grad"], "outer params x", f"hypergradient of task {r['key']}")
-            agg = aggregate([r["grad"] for r in results], self.config.aggregation, w, self.config.trim_fraction)
+            if keep:  # the gradients stayed on the actors: combine their exact partial sums
+                agg, more_restarts, more_retries = self._reduce_on_actors(keys, results, w)
+                restarts, retries = restarts + more_restarts, retries + more_retries
+                received = [agg]
+            else:
+                for r in results:
+                    check_same_keys(x, r["grad"], "outer params x", f"hypergradient of task {r['key']}")
+                agg = aggregate([r["grad"] for r in results], self.config.aggregation, w, self.config.trim_fraction)
+                received = [r["grad"] for r in results]
+            self._grad_bytes = sum(v.numel() * v.element_size() for g in received for v in g.values())
             grad = {k: agg[k].to(device=x[k].device, dtype=x[k].dtype) for k in x}
             if self.stateful:
                 for r in results:
@@ -243,6 +253,8 @@ class _PoolBase(abc.ABC):
             pool_restarts=float(restarts),
             pool_retries=float(retries),
             pool_workers=float(self.num_workers),
+            # gradient bytes that reached the driver this step: B·4d gathered, 4d (float32) reduced on the actors
+            pool_grad_bytes_to_driver=float(self._grad_bytes) if mode == "train" else 0.0,
         )
         return StepResult(
             grad=grad,
@@ -334,6 +346,16 @@ class _PoolBase(abc.ABC):
             return 1
         return n if b == "auto" else int(b)
 
+    def _reduces_on_actors(self) -> bool:
+        """Whether this step's gradients are summed on the actors (``ClusterConfig.reduction``): the linear
+        rules, stateless solvers, and no straggler re-dispatch (a reduction call would queue behind the
+        straggler on its actor)."""
+        return False
+
+    def _reduce_on_actors(self, keys: list[tuple], results: list[dict], weights: list[float] | None) -> tuple[Params, int, int]:
+        """The aggregated gradient from the actors' partial sums; returns (gradient, restarts, retries)."""
+        raise NotImplementedError(f"{type(self).__name__} does not reduce on actors")
+
     # ---- what each pool (in-process, Ray actors) implements ----------------------------------------------
 
     @abc.abstractmethod
@@ -341,8 +363,9 @@ class _PoolBase(abc.ABC):
         """Sets the given tasks' states on their owners and forgets the ``drop`` tasks' states."""
 
     @abc.abstractmethod
-    def _run(self, x: Params, keys: list[tuple], mode: str, snapshot: bool) -> tuple[list[dict], int, int]:
-        """Runs ``keys`` at x; returns (per-task results, restarts, retries)."""
+    def _run(self, x: Params, keys: list[tuple], mode: str, snapshot: bool, keep: bool) -> tuple[list[dict], int, int]:
+        """Runs ``keys`` at x; returns (per-task results, restarts, retries). ``keep``: the actors keep the
+        gradients for ``_reduce_on_actors`` and the results carry their per-tensor max |g| instead."""
 
     @abc.abstractmethod
     def _gather_states(self) -> dict[TaskId, Any]:
@@ -375,7 +398,7 @@ class InProcessPool(_PoolBase):
     def _record(self, result: StepResult, train: bool) -> None:
         """No Ray, no exported metrics: the StepResult carries them."""
 
-    def _run(self, x, keys, mode, snapshot):
+    def _run(self, x, keys, mode, snapshot, keep):
         xw = self._learner.set_x(x)
         results, retries, tries = [], 0, {}
         first = {}
@@ -470,6 +493,10 @@ def _start_local_ray(ray, **init_options: Any) -> None:
         ray.init(address="local", dashboard_host="127.0.0.1", _node_ip_address=LOOPBACK, **init_options)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+class _ReductionInterrupted(Exception):
+    """A reduction round that must start again (an actor lost its gradients while it ran)."""
 
 
 @dataclass
@@ -658,9 +685,9 @@ class WorkerPool(_PoolBase):
             payload[k] = v.numpy() if v.dtype in (torch.float32, torch.float64, torch.float16) else v
         return self._ray.put(payload)
 
-    def _run(self, x, keys, mode, snapshot):
+    def _run(self, x, keys, mode, snapshot, keep):
         ray, c = self._ray, self.config
-        x_box = (self._x_ref(x),)
+        x_box = self._x_box = (self._x_ref(x),)
         results: list[dict | None] = [None] * len(keys)
         pending: dict[Any, _Attempt] = {}
         restarts = retries = 0
@@ -669,7 +696,7 @@ class WorkerPool(_PoolBase):
         def submit(i: int, w: int, restore: tuple | None = None, backup: bool = False) -> None:
             key = keys[i]
             expect = self.stateful and mode == "train" and task_id(key) in self._has_state
-            ref = self._actors[w].run_ref.remote(x_box, key, mode, restore, expect, not backup, snapshot)
+            ref = self._actors[w].run_ref.remote(x_box, key, mode, restore, expect, not backup, snapshot, keep)
             pending[ref] = _Attempt(i, w, time.monotonic(), backup)
 
         size = self._batch_size(mode, len(keys))
@@ -679,7 +706,8 @@ class WorkerPool(_PoolBase):
                 if len(chunk) == 1:
                     submit(chunk[0], w)
                 else:  # tasks_per_batch: one call for the chunk, per-task results back (only stateless train steps)
-                    ref = self._actors[w].run_batch_ref.remote(x_box, [keys[i] for i in chunk], mode, snapshot, c.tasks_per_batch)
+                    ref = self._actors[w].run_batch_ref.remote(x_box, [keys[i] for i in chunk], mode, snapshot,
+                                                               c.tasks_per_batch, keep)
                     pending[ref] = _Attempt(chunk[0], w, time.monotonic(), False, chunk=chunk)
         for i, key in enumerate(keys) if size == 1 else ():
             submit(i, owner(key, self.num_workers))
@@ -755,6 +783,79 @@ class WorkerPool(_PoolBase):
                     submit(a.index, target, restore, backup=True)
         # Drop copies still running (stragglers): their results are not needed; they finish on their own.
         return results, restarts, retries  # type: ignore[return-value]
+
+    # ---- the reduction (reduce.py) ----------------------------------------------------------------------
+
+    def _reduces_on_actors(self) -> bool:
+        c = self.config
+        return (c.reduction == "actors" and c.aggregation in LINEAR_AGGREGATIONS and not self.stateful
+                and c.step_timeout_s is None)
+
+    def _reduce_on_actors(self, keys, results, weights):
+        """The aggregated gradient, summed among the actors (reduce.py):
+
+        1. each actor sums its own tasks' gradients in int64 fixed point on a grid the driver fixes from every
+           task's max |c_i g_i| (a few floats a task) — ``reduce_kept``;
+        2. the partial sums meet in a pairwise tree of ``combine_partials`` calls, each actor fetching its
+           partner's partial from the object store directly; the root decodes the total.
+
+        The driver receives one gradient (O(d), whatever the number of tasks and actors), and since int64 sums
+        are exact in any order, the tree's shape does not change a bit. A failure anywhere restarts the
+        reduction: an actor that died since computing its tasks computes them again (same key, same x: the
+        same gradients), the others still hold theirs."""
+        ray = self._ray
+        coefs = coefficients(self.config.aggregation, len(keys), weights)
+        exps = exponents([r["grad_maxabs"] for r in results], coefs)
+        mine: dict[int, list[int]] = {}
+        for i, r in enumerate(results):
+            mine.setdefault(r["worker"], []).append(i)
+        restarts = retries = 0
+
+        def partial(w: int) -> tuple[dict, Any]:
+            return self._actors[w].reduce_kept.options(num_returns=2).remote([(keys[i], coefs[i]) for i in mine[w]], exps)
+
+        for _ in range(1 + 2 * self.num_workers * max(1, self.config.max_restarts)):
+            try:
+                calls = {w: partial(w) for w in mine}
+                parts = {}
+                for w, (status_ref, part) in calls.items():
+                    status = ray.get(status_ref)
+                    restarts += self._note_incarnation(w, status["incarnation"])
+                    if status["missing"]:  # restarted since: it computes its tasks again, then sums them
+                        retries += len(mine[w])
+                        self._events.append(f"worker {w} lost its tasks' gradients before the reduction: computed again")
+                        restarts += self._recompute_kept(w, [keys[i] for i in mine[w]])
+                        status_ref, part = partial(w)
+                        if ray.get(status_ref)["missing"]:
+                            raise _ReductionInterrupted(f"worker {w} lost its gradients again")
+                    parts[w] = part
+                level = sorted(parts.items())
+                while len(level) > 1:  # pairwise tree: (0,1) (2,3) ...; the left actor of a pair sums both
+                    level = [(a[0], self._actors[a[0]].combine_partials.remote(None, a[1], b[1])) if b else a
+                             for a, b in zip(level[::2], [*level[1::2], None])]
+                w0, root = level[0]
+                return ray.get(self._actors[w0].combine_partials.remote(exps, root)), restarts, retries
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, _ReductionInterrupted) as e:
+                self._events.append(f"worker died during the reduction ({type(e).__name__}): reduction restarted")
+                for w in mine:
+                    restarts += self._recover(w)
+        raise PoolError("the reduction among the actors kept failing; the step's events: " + "; ".join(self._events[-3:]))
+
+    def _recompute_kept(self, w: int, keys: list[tuple]) -> int:
+        """Worker w computes ``keys`` again at this step's x and keeps the gradients; returns restarts counted."""
+        ray, restarts = self._ray, 0
+        while True:
+            try:
+                rs = ray.get([self._actors[w].run_ref.remote(self._x_box, k, "train", None, False, True, False, True)
+                              for k in keys])
+                break
+            except ray.exceptions.RayActorError:
+                restarts += self._recover(w)
+        bad = [r for r in rs if r["error"]]
+        if bad:  # it was finite a moment ago: a non-deterministic problem or solver
+            raise PoolError(f"task {bad[0]['key']} computed again on worker {w} for the reduction failed: "
+                            f"{bad[0].get('message', bad[0]['error'])}")
+        return restarts + self._note_incarnation(w, rs[0]["incarnation"])
 
     # ---- states ------------------------------------------------------------------------------------------
 

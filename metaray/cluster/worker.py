@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..solvers import make, memory
-from ..solvers.core import NonFiniteError, Params, check_grad_finite
+from ..solvers.core import NonFiniteError, Params, check_grad_finite, check_same_keys
+from . import reduce
 from .config import WorkerSpec
 
 TaskId = tuple[str, int]
@@ -151,6 +152,7 @@ class InnerLearner:
         self.incarnation = uuid.uuid4().hex  # changes when the process is restarted: lost state is detectable
         self._x_id: Any = None
         self._x: Params | None = None
+        self._kept: dict[Any, Params] = {}  # this step's task gradients, kept here for the reduction (reduce_kept)
         self._bar = None
         if progress:
             from ray.experimental import tqdm_ray
@@ -199,7 +201,41 @@ class InnerLearner:
             for k, v in x.items()
         }
         self._x_id = x_id
+        self._kept.clear()  # a new step: gradients kept for an earlier one (a late straggler's) are not wanted
         return self._x
+
+    # ---- the reduction (cluster/reduce.py) ---------------------------------------------------------------
+
+    def _grad_fields(self, x: Params, key: Any, grad: Params, keep: bool) -> dict[str, Any]:
+        """The result's gradient: the tensors themselves (to the CPU), or, with ``keep``, only their per-tensor
+        max |g| while the gradient stays here on the device until ``reduce_kept``."""
+        if not keep:
+            return {"grad": _to_cpu(grad)}
+        check_same_keys(x, grad, "outer params x", f"hypergradient of task {key}")
+        self._kept[key] = {k: v.detach() for k, v in grad.items()}
+        return {"grad": None, "grad_maxabs": reduce.max_abs(grad)}
+
+    def reduce_kept(self, entries: list[tuple[Any, float]], exps: Mapping[str, int]) -> tuple[dict[str, Any], Any]:
+        """(status, partial): partial = Σ round(c_i g_i 2^e) in int64 over the kept gradients of ``entries`` =
+        [(key, c_i), ...], this worker's exact partial sum (reduce.py). Keys not kept here (the process was
+        restarted since) are listed in status["missing"], and no partial is made. The kept gradients stay until
+        the next step's x arrives, so a reduction that fails further up the tree can be run again."""
+        missing = [key for key, _ in entries if key not in self._kept]
+        partial = None
+        if not missing:
+            for key, c in entries:
+                partial = reduce.add_into(partial, reduce.encode(self._kept[key], c, exps))
+        return {"missing": missing, "incarnation": self.incarnation}, (_to_cpu(partial) if partial is not None else None)
+
+    def combine_partials(self, exps: Mapping[str, int] | None, *partials: Mapping[str, Tensor]) -> Params:
+        """Σ of other workers' int64 partial sums (Ray fetches them here, worker to worker, not through the
+        driver); with ``exps``, the decoded gradient g = Q 2^-e in this worker's dtype (the root of the tree)."""
+        total = None
+        for p in partials:
+            total = reduce.add_into(total, p)
+        if exps is None:
+            return total
+        return reduce.decode(total, exps, {k: self.dtype for k in total})
 
     # ---- one task ----------------------------------------------------------------------------------------
 
@@ -213,6 +249,7 @@ class InnerLearner:
         expect_state: bool = False,
         commit: bool = True,
         snapshot: bool = False,
+        keep: bool = False,
     ) -> dict[str, Any]:
         """One task's hypergradient (mode "train") or evaluation (mode "eval") at x.
 
@@ -221,6 +258,7 @@ class InnerLearner:
                       restore is given, answer ``{"error": "state_lost"}`` rather than silently starting over
         commit:       keep the new state here (False for a straggler's backup run on a non-owner)
         snapshot:     return the new state (CPU) so the driver can keep a copy
+        keep:         keep the hypergradient here for ``reduce_kept`` and return its per-tensor max |g| instead
         Non-finite losses or hypergradients answer ``{"error": "nonfinite", ...}``; no state is kept.
         """
         t0 = time.perf_counter()
@@ -260,7 +298,7 @@ class InnerLearner:
         return {
             "key": key,
             "error": None,
-            "grad": _to_cpu(hg.grad) if mode == "train" else None,
+            **(self._grad_fields(x, key, hg.grad, keep) if mode == "train" else {"grad": None}),
             "outer_loss": float(hg.outer_loss),
             "inner_loss": float(hg.inner_loss),
             "metrics": {k: float(v) for k, v in (hg.metrics or {}).items() if isinstance(v, (int, float, Tensor))},
@@ -274,7 +312,7 @@ class InnerLearner:
     # ---- several tasks at once (ClusterConfig.tasks_per_batch) -------------------------------------------
 
     def run_batch(self, x: Params, keys: list, mode: str = "train", *, snapshot: bool = False,
-                  tasks_per_batch: int | str = 1) -> list[dict[str, Any]]:
+                  tasks_per_batch: int | str = 1, keep: bool = False) -> list[dict[str, Any]]:
         """``run`` for several keys, in order: one ``solver.hypergrad_batch`` call for the lot (the solver
         batches them where it can, else loops). The results are ``run``'s, one per key; each task's "seconds" is
         its share of the batch. A NonFiniteError in the batch reruns its tasks one at a time, so each task gets
@@ -286,22 +324,22 @@ class InnerLearner:
         """
         keys = list(keys)
         if mode != "train" or self.stateful or len(keys) < 2 or self.batch_choice.get("batched") is False:
-            return [self.run(x, k, mode, snapshot=snapshot) for k in keys]
+            return [self.run(x, k, mode, snapshot=snapshot, keep=keep) for k in keys]
         if tasks_per_batch == "auto" and "batched" not in self.batch_choice:
-            return self._choose_batching(x, keys, snapshot)
+            return self._choose_batching(x, keys, snapshot, keep)
         t0 = time.perf_counter()
         tasks = [move(self.source.sample(k), self.device, self.dtype) for k in keys]
         try:
             hgs = self.solver.hypergrad_batch(self.problem, x, tasks)
         except NonFiniteError:
-            return [self.run(x, k, mode, snapshot=snapshot) for k in keys]
+            return [self.run(x, k, mode, snapshot=snapshot, keep=keep) for k in keys]
         share = (time.perf_counter() - t0) / len(keys)
         if self._bar is not None:
             self._bar.update(len(keys))
         return [{
             "key": key,
             "error": None,
-            "grad": _to_cpu(hg.grad),
+            **self._grad_fields(x, key, hg.grad, keep),
             "outer_loss": float(hg.outer_loss),
             "inner_loss": float(hg.inner_loss),
             "metrics": {k: float(v) for k, v in (hg.metrics or {}).items() if isinstance(v, (int, float, Tensor))},
@@ -316,11 +354,11 @@ class InnerLearner:
     def batch_choice(self) -> dict[str, Any]:
         return self.__dict__.setdefault("_batch_choice", {})
 
-    def _choose_batching(self, x: Params, keys: list, snapshot: bool) -> list[dict[str, Any]]:
+    def _choose_batching(self, x: Params, keys: list, snapshot: bool, keep: bool) -> list[dict[str, Any]]:
         """Times the loop and the batched call (twice: the first vmapped call traces) on these tasks; keeps the
         faster for this worker. Returns the loop's results, so the step is the loop's whatever is chosen."""
         t0 = time.perf_counter()
-        results = [self.run(x, k, "train", snapshot=snapshot) for k in keys]
+        results = [self.run(x, k, "train", snapshot=snapshot, keep=keep) for k in keys]
         loop = (time.perf_counter() - t0) / len(keys)
         if any(r["error"] for r in results):
             return results  # decide on a later, healthy step
@@ -381,22 +419,24 @@ class RayInnerLearner(InnerLearner):
         return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def run_ref(self, x_box: tuple, key: Any, mode: str, restore: tuple | None, expect_state: bool, commit: bool,
-                snapshot: bool) -> dict[str, Any]:
+                snapshot: bool, keep: bool = False) -> dict[str, Any]:
         """``x_box = (ref,)``: a reference nested in a tuple is not resolved by Ray on every call; it is
         fetched (zero-copy) and converted once per step and per actor."""
         import ray
 
         ref = x_box[0]
         x = self._x if (self._x is not None and self._x_id == ref.hex()) else self.set_x(ray.get(ref), ref.hex())
-        return self.run(x, key, mode, restore=restore, expect_state=expect_state, commit=commit, snapshot=snapshot)
+        return self.run(x, key, mode, restore=restore, expect_state=expect_state, commit=commit, snapshot=snapshot,
+                        keep=keep)
 
-    def run_batch_ref(self, x_box: tuple, keys: list, mode: str, snapshot: bool, tasks_per_batch: int | str) -> list[dict[str, Any]]:
+    def run_batch_ref(self, x_box: tuple, keys: list, mode: str, snapshot: bool, tasks_per_batch: int | str,
+                      keep: bool = False) -> list[dict[str, Any]]:
         """``run_batch`` with x by reference, like ``run_ref``."""
         import ray
 
         ref = x_box[0]
         x = self._x if (self._x is not None and self._x_id == ref.hex()) else self.set_x(ray.get(ref), ref.hex())
-        return self.run_batch(x, keys, mode, snapshot=snapshot, tasks_per_batch=tasks_per_batch)
+        return self.run_batch(x, keys, mode, snapshot=snapshot, tasks_per_batch=tasks_per_batch, keep=keep)
 
     def receive(self, x_box: tuple) -> int:
         """Fetches and converts x only (the broadcast benchmark); returns the number of elements received."""

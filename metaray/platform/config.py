@@ -227,6 +227,9 @@ class ClusterSettings(_Section):
     tasks_per_batch: int | str = _setting(
         1, "tasks per solver.hypergrad_batch call on an actor (vmapped where the solver batches): an int >= 1 or 'auto'",
         (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "an int >= 1 or 'auto'"))
+    reduction: str = _setting(
+        "actors", "'actors': mean/weighted gradients summed exactly on the actors, none sent per task; 'driver': "
+        "every task's gradient sent to the driver (same result)", choices=("actors", "driver"))
 
     def cluster_config(self):
         from ..cluster.config import ClusterConfig

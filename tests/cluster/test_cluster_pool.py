@@ -159,6 +159,81 @@ def test_killed_actor_mid_step_is_restarted_and_the_run_finishes_identically(met
     assert any("worker 1" in e for e in results[2].events)
 
 
+def fomaml32_spec(source=None) -> WorkerSpec:
+    """float32, where the order of a floating-point sum shows in the last bits."""
+    torch.manual_seed(0)
+    return WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver="fomaml",
+                      solver_options={"inner_steps": 2, "inner_lr": 0.01}, source=source or SinusoidSource(),
+                      dtype="float32", imports=HELPERS)
+
+
+class KillDuringReduction(WorkerPool):
+    """Kills worker 1 (SIGKILL) after the step's tasks are computed and before the actors sum them, on step 1."""
+
+    def _reduce_on_actors(self, keys, results, weights):
+        if keys[0][1] == 1:
+            os.kill(self.pids[1], signal.SIGKILL)
+            time.sleep(0.5)
+        return super()._reduce_on_actors(keys, results, weights)
+
+
+def test_reduction_on_actors_is_bit_identical_for_any_number_of_actors(metrics_port, one_thread):
+    """7 tasks a step (uneven splits for 2, 3 and 4 actors), float32: the outer params after 3 steps are the same
+    bits for 1, 2, 3 and 4 actors reducing among themselves, for the driver-side reduction, for the in-process
+    pool, and after an actor is killed between computing its tasks and summing them. (The in-process reference
+    runs with one torch thread, as each actor does: a matmul's bits depend on its thread count.)"""
+    x0 = {k: v.float() for k, v in sine_x0().items()}
+    with InProcessPool(fomaml32_spec()) as p:
+        ref = train(p, x0, 3, tasks=7)[0]
+    assert rel(ref, x0) > 1e-4
+    runs = {}
+    for n in (1, 2, 3, 4):
+        with WorkerPool(fomaml32_spec(), ClusterConfig(num_workers=n, num_cpus_per_worker=0.5, metrics=False), f"red-{n}") as pool:
+            assert pool._reduces_on_actors()
+            runs[n] = train(pool, x0, 3, tasks=7)
+    with WorkerPool(fomaml32_spec(), ClusterConfig(num_workers=2, num_cpus_per_worker=0.5, metrics=False,
+                                                   reduction="driver"), "red-driver") as pool:
+        assert not pool._reduces_on_actors()
+        runs["driver"] = train(pool, x0, 3, tasks=7)
+    with KillDuringReduction(fomaml32_spec(), ClusterConfig(num_workers=2, num_cpus_per_worker=0.5, metrics=False),
+                             "red-kill") as pool:
+        runs["killed"] = train(pool, x0, 3, tasks=7)
+    for name, (x, results) in runs.items():
+        for k in ref:
+            assert torch.equal(x[k], ref[k]), (name, k, float((x[k] - ref[k]).abs().max()))
+    killed = runs["killed"][1][1]
+    assert killed.restarts == 1 and killed.retries == 3  # worker 1's three tasks computed again
+    assert any("died during the reduction" in e or "lost its tasks" in e for e in killed.events), killed.events
+    # the per-worker split really was uneven: 7 tasks over 4 actors is 2/2/2/1
+    assert [runs[4][1][0].per_worker[w]["tasks"] for w in range(4)] == [2, 2, 2, 1]
+    # the driver received one float32 gradient a step on the actors' path, seven through the driver
+    d = sum(v.numel() for v in x0.values())
+    for name, (_, results) in runs.items():
+        expect = 7 * 4 * d if name == "driver" else 4 * d
+        assert all(r.metrics["pool_grad_bytes_to_driver"] == expect for r in results), name
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_robust_rules_sharded_by_coordinate_on_the_actors(metrics_port, one_thread, rule):
+    """median and trimmed_mean computed by the actors on column blocks of all tasks' gradients (2 and 3 actors)
+    give the bits of the in-process pool, and the driver receives one gradient."""
+    x0 = {k: v.float() for k, v in sine_x0().items()}
+    cfg = functools.partial(ClusterConfig, num_cpus_per_worker=0.5, metrics=False, aggregation=rule, trim_fraction=0.2)
+    with InProcessPool(fomaml32_spec(), cfg(num_workers=1)) as p:
+        ref, ref_results = train(p, x0, 2, tasks=7)
+    assert ref_results[-1].metrics["pool_grad_bytes_to_driver"] == 7 * 4 * sum(v.numel() for v in x0.values())
+    for n in (2, 3):
+        with WorkerPool(fomaml32_spec(), cfg(num_workers=n), f"robust-{rule}-{n}") as pool:
+            x, results = train(pool, x0, 2, tasks=7)
+        for k in ref:
+            assert torch.equal(x[k], ref[k]), (rule, n, k)
+        assert results[-1].metrics["pool_grad_bytes_to_driver"] == 4 * sum(v.numel() for v in x0.values())
+    # the rule is not the mean here (the property above is about the robust rule's own bits)
+    with InProcessPool(fomaml32_spec()) as p:
+        mean = train(p, x0, 2, tasks=7)[0]
+    assert not all(torch.equal(mean[k], ref[k]) for k in ref)
+
+
 def test_straggler_past_the_deadline_is_re_dispatched(metrics_port, references, tmp_path):
     pid_file = tmp_path / "slow_pid"
     spec = sine_spec(StragglerSource(SinusoidSource(dtype=torch.float64), ("train", 1, 3), str(pid_file)))

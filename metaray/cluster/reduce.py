@@ -1,0 +1,106 @@
+"""An exact, order-free sum of task hypergradients: the reduction the actors run among themselves.
+
+A floating-point sum depends on the order of its terms, so a ring or tree allreduce gives results that change
+with the number of actors. Integer addition does not. Each task's weighted gradient c_i g_i is rounded once to a
+grid of step 2^-e_k (one exponent per parameter tensor k, shared by all tasks of the step) and the integers are
+added in int64:
+
+    q_i = round(c_i g_i 2^e_k)          (per task, on the actor that computed it: depends on task i only)
+    Q   = Σ_i q_i                       (int64: exact, in any order, split among any number of actors)
+    g   = Q 2^-e_k                      (one rounding, int64 -> float64, then to x's dtype)
+
+e_k is the largest exponent with Σ_i |q_i| < 2^62, from the step's per-task max |c_i g_i| (``exponents``), so
+no partial sum overflows. The result is a function of the set of tasks only: bit-identical for 1, 2, 3, 4 ...
+actors, for any split of the tasks among them and for any order in which partial sums meet.
+
+Precision. Each q_i is off by at most 1/2 of a grid step, so |g - Σ c_i g_i| <= n/2 · 2^-e_k <= n² · m_k · 2^-61,
+m_k the largest |c_i g_i| (an absolute bound: cancellation among the tasks does not make it worse). A float32
+sequential sum is off by up to ~n · m_k · 2^-24; the fixed-point sum is more accurate for any n < 2^37, and
+tests/cluster/test_reduce.py measures both against a float64 reference. With float64 gradients and n above
+~500 tasks a step, float64's own sequential sum (error ~n · m_k · 2^-53) would be the more accurate one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..solvers.core import Params
+
+# Partial sums stay below 2^62 in magnitude: int64 holds up to 2^63 - 1, and one bit is left for the rounding.
+_BITS = 62
+_MAX_EXP = 960
+
+
+def max_abs(grad: Mapping[str, Tensor]) -> dict[str, float]:
+    """max |g| per parameter tensor (what each task reports for the step's ``exponents``)."""
+    return {k: float(v.detach().abs().max()) if v.numel() else 0.0 for k, v in grad.items()}
+
+
+def exponents(maxabs: Sequence[Mapping[str, float]], coefs: Sequence[float]) -> dict[str, int]:
+    """The grid exponent e_k per tensor for a step whose tasks have per-tensor max |g_i| ``maxabs[i]`` and are
+    weighted by ``coefs[i]``: the largest e with n · max_i |c_i| m_ik · 2^e <= 2^(62-1), so Σ |q_i| < 2^62."""
+    if len(maxabs) != len(coefs) or not maxabs:
+        raise ValueError(f"exponents needs one max per task and one coefficient per task, got {len(maxabs)} and {len(coefs)}")
+    n = len(coefs)
+    out: dict[str, int] = {}
+    for k in maxabs[0]:
+        m = max(abs(float(c)) * float(a[k]) for a, c in zip(maxabs, coefs))
+        if not math.isfinite(m):
+            raise ValueError(f"the gradients of {k!r} are not finite (max |c_i g_i| = {m}); cannot reduce them")
+        if m == 0.0:
+            out[k] = 0  # all zeros: any grid holds them exactly
+            continue
+        # frexp: m = f 2^p with 0.5 <= f < 1, so m < 2^p; n m 2^e <= 2^(BITS-1) holds for e = BITS-1-p-ceil(log2 n)
+        # capped where 2^e would overflow float64 (only gradients below ~1e-270 reach it: a coarser grid there)
+        out[k] = min(_MAX_EXP, _BITS - 1 - math.frexp(m)[1] - math.ceil(math.log2(n)))
+    return out
+
+
+def encode(grad: Mapping[str, Tensor], coef: float, exps: Mapping[str, int]) -> dict[str, Tensor]:
+    """q = round(coef · g · 2^e) per tensor, as int64 on g's device (float64 arithmetic: the product is exact to
+    float64's precision for float32 gradients and the power of two is exact)."""
+    out = {}
+    for k, g in grad.items():
+        scaled = torch.ldexp(g.detach().to(torch.float64) * float(coef), torch.tensor(float(exps[k]), dtype=torch.float64, device=g.device))
+        out[k] = torch.round(scaled).to(torch.int64)
+    return out
+
+
+def add_into(acc: dict[str, Tensor] | None, q: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """acc += q (int64, exact); a new accumulator when acc is None."""
+    if acc is None:
+        return {k: v.clone() for k, v in q.items()}
+    for k, v in q.items():
+        acc[k].add_(v.to(acc[k].device))
+    return acc
+
+
+def decode(total: Mapping[str, Tensor], exps: Mapping[str, int], dtypes: Mapping[str, torch.dtype]) -> Params:
+    """g = Q 2^-e per tensor, rounded once to ``dtypes[k]`` (the task gradients' dtype)."""
+    out: Params = {}
+    for k, q in total.items():
+        q = q.to(torch.float64)
+        out[k] = torch.ldexp(q, torch.tensor(-float(exps[k]), dtype=torch.float64, device=q.device)).to(dtypes[k])
+    return out
+
+
+def exact_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float]) -> Params:
+    """Σ_i coefs[i] · grads[i], exactly as the actors' distributed reduction computes it (one process)."""
+    exps = exponents([max_abs(g) for g in grads], coefs)
+    acc = None
+    for g, c in zip(grads, coefs):
+        acc = add_into(acc, encode(g, c, exps))
+    return decode(acc, exps, {k: v.dtype for k, v in grads[0].items()})
+
+
+def coefficients(rule: str, n: int, weights: Sequence[float] | None) -> list[float]:
+    """c_i of the linear rules: mean 1/n, weighted w_i / Σ w."""
+    if rule == "mean":
+        return [1.0 / n] * n
+    if rule == "weighted":
+        total = float(sum(weights))
+        return [float(w) / total for w in weights]
+    raise ValueError(f"only the linear rules 'mean' and 'weighted' reduce by a sum, not {rule!r}")
