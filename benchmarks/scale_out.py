@@ -35,7 +35,8 @@ def spec(hidden: int) -> tuple[WorkerSpec, dict]:
     torch.manual_seed(0)
     model = mlp([1, hidden, hidden, 1])
     s = WorkerSpec(problem=functools.partial(ModelProblem, model, "mse"), solver="fomaml",
-                   solver_options={"inner_steps": 5, "inner_lr": 0.01}, source=SinusoidSource(shots=10, queries=10),
+                   solver_options={"inner_steps": 5, "inner_lr": 0.01 * (1000 / hidden) ** 2},  # wider: smaller steps
+                   source=SinusoidSource(shots=10, queries=10),
                    dtype="float32", device="cpu")
     return s, {k: v.detach().clone() for k, v in model.named_parameters()}
 

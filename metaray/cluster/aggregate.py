@@ -20,15 +20,11 @@ from torch import Tensor
 
 from ..solvers.core import Params
 from .config import AGGREGATIONS
-from .reduce import coefficients, exact_sum
+from .reduce import coefficients, exact_sum, robust
 
 
 def _stack(grads: Sequence[Params], k: str) -> Tensor:
     return torch.stack([g[k] for g in grads])
-
-
-def _sorted(grads: Sequence[Params], k: str) -> Tensor:
-    return _stack(grads, k).sort(dim=0).values
 
 
 def aggregate(
@@ -60,17 +56,4 @@ def aggregate(
 
     if rule in ("mean", "weighted"):
         return exact_sum(grads, coefficients(rule, n, w if rule == "weighted" else None))
-    out: Params = {}
-    for k in keys:
-        if rule == "median":
-            s = _sorted(grads, k)
-            # the mean of the two middle values for even n (torch.median would return the lower one)
-            out[k] = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-        else:  # trimmed_mean
-            cut = int(math.floor(trim_fraction * n))
-            s = _sorted(grads, k)[cut : n - cut]
-            acc = s[0].clone()
-            for row in s[1:]:
-                acc.add_(row)
-            out[k] = acc / s.shape[0]
-    return out
+    return {k: robust(_stack(grads, k), rule, trim_fraction) for k in keys}

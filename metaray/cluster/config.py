@@ -15,6 +15,7 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 AGGREGATIONS = ("mean", "weighted", "median", "trimmed_mean")
 LINEAR_AGGREGATIONS = ("mean", "weighted")  # reduced by an exact sum on the actors (reduce.py)
 REDUCTIONS = ("actors", "driver")
+SCHEDULINGS = ("dynamic", "static")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -115,7 +116,11 @@ class ClusterConfig:
                           each actor keeps its tasks' gradients on its device and the actors' exact int64 partial
                           sums are combined (cluster/reduce.py), so the driver receives no per-task gradient;
                           "driver": every task's gradient goes to the driver, which aggregates them (what the
-                          robust rules and stateful solvers always do). Both give the same bits.
+                          stateful solvers and straggler re-dispatch always do). Both give the same bits.
+    scheduling:           "dynamic" (default): a stateless solver's tasks go to whichever actor is free (two in
+                          flight per actor); "static": task i of a step always goes to actor ``owner(key)``, as
+                          stateful solvers always do (the owner holds the task's state). The reduction is exact
+                          in any order, so which actor computed a task changes no bit of the result.
     """
 
     num_workers: int = 2
@@ -133,6 +138,7 @@ class ClusterConfig:
     state_snapshot_every: int = 1
     tasks_per_batch: int | str = 1
     reduction: str = "actors"
+    scheduling: str = "dynamic"
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -169,6 +175,8 @@ class ClusterConfig:
             raise bad("tasks_per_batch", 'an int >= 1 or "auto"')
         if self.reduction not in REDUCTIONS:
             raise bad("reduction", f"one of {list(REDUCTIONS)}")
+        if self.scheduling not in SCHEDULINGS:
+            raise bad("scheduling", f"one of {list(SCHEDULINGS)}")
 
 
 def check_spec_for_config(spec: WorkerSpec, config: ClusterConfig) -> None:

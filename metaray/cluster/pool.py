@@ -26,6 +26,7 @@ retried into every restart):
 from __future__ import annotations
 
 import abc
+import collections
 import math
 import os
 import re
@@ -41,7 +42,7 @@ from ..solvers.core import NonFiniteError, Params, check_params, check_same_keys
 from ..tasks.base import check_key
 from .aggregate import aggregate
 from .config import LINEAR_AGGREGATIONS, ClusterConfig, WorkerSpec, check_spec_for_config
-from .reduce import add_into, coefficients, decode, exponents
+from .reduce import coefficients, exponents, unflatten
 from .worker import InnerLearner, TaskId, owner, task_id
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -205,7 +206,7 @@ class _PoolBase(abc.ABC):
 
         if mode == "train":
             if keep:  # the gradients stayed on the actors: combine their exact partial sums
-                agg, more_restarts, more_retries = self._reduce_on_actors(keys, results, w)
+                agg, more_restarts, more_retries = self._reduce_on_actors(x, keys, results, w)
                 restarts, retries = restarts + more_restarts, retries + more_retries
                 received = [agg]
             else:
@@ -347,12 +348,13 @@ class _PoolBase(abc.ABC):
         return n if b == "auto" else int(b)
 
     def _reduces_on_actors(self) -> bool:
-        """Whether this step's gradients are summed on the actors (``ClusterConfig.reduction``): the linear
-        rules, stateless solvers, and no straggler re-dispatch (a reduction call would queue behind the
-        straggler on its actor)."""
+        """Whether this step's gradients are reduced on the actors (``ClusterConfig.reduction``): stateless
+        solvers, and no straggler re-dispatch (a reduction call would queue behind the straggler on its
+        actor)."""
         return False
 
-    def _reduce_on_actors(self, keys: list[tuple], results: list[dict], weights: list[float] | None) -> tuple[Params, int, int]:
+    def _reduce_on_actors(self, x: Params, keys: list[tuple], results: list[dict],
+                          weights: list[float] | None) -> tuple[Params, int, int]:
         """The aggregated gradient from the actors' partial sums; returns (gradient, restarts, retries)."""
         raise NotImplementedError(f"{type(self).__name__} does not reduce on actors")
 
@@ -709,7 +711,15 @@ class WorkerPool(_PoolBase):
                     ref = self._actors[w].run_batch_ref.remote(x_box, [keys[i] for i in chunk], mode, snapshot,
                                                                c.tasks_per_batch, keep)
                     pending[ref] = _Attempt(chunk[0], w, time.monotonic(), False, chunk=chunk)
-        for i, key in enumerate(keys) if size == 1 else ():
+        # dynamic: two tasks in flight per actor (one computing, one queued behind it, hiding the round trip), the
+        # next one to whichever actor answers; static: every task to its owner at once
+        dynamic = size == 1 and c.scheduling == "dynamic" and not self.stateful and c.step_timeout_s is None
+        queue = collections.deque(range(len(keys)) if dynamic else ())
+        for _ in range(2) if dynamic else ():
+            for w in range(self.num_workers):
+                if queue:
+                    submit(queue.popleft(), w)
+        for i, key in enumerate(keys) if (size == 1 and not dynamic) else ():
             submit(i, owner(key, self.num_workers))
         while any(r is None for r in results):
             timeout = None
@@ -763,6 +773,8 @@ class WorkerPool(_PoolBase):
                            a.backup)
                 else:
                     results[a.index] = r
+                    if queue:
+                        submit(queue.popleft(), a.worker)
             if c.step_timeout_s is not None:
                 now = time.monotonic()
                 for a in list(pending.values()):
@@ -788,53 +800,78 @@ class WorkerPool(_PoolBase):
 
     def _reduces_on_actors(self) -> bool:
         c = self.config
-        return (c.reduction == "actors" and c.aggregation in LINEAR_AGGREGATIONS and not self.stateful
-                and c.step_timeout_s is None)
+        return c.reduction == "actors" and not self.stateful and c.step_timeout_s is None
 
-    def _reduce_on_actors(self, keys, results, weights):
-        """The aggregated gradient, summed among the actors (reduce.py):
+    def _reduce_on_actors(self, x, keys, results, weights):
+        """The aggregated gradient, computed among the actors from the gradients they kept; the driver receives
+        one gradient (O(d), whatever the number of tasks and actors).
 
-        1. each actor sums its own tasks' gradients in int64 fixed point on a grid the driver fixes from every
-           task's max |c_i g_i| (a few floats a task) — ``reduce_kept``;
-        2. the partial sums meet in a pairwise tree of ``combine_partials`` calls, each actor fetching its
-           partner's partial from the object store directly; the root decodes the total.
+        mean, weighted (reduce.py): each actor sums its own tasks in int64 fixed point on a grid the driver
+        fixes from every task's max |c_i g_i| (``reduce_kept``); the partial sums meet in a pairwise tree of
+        ``combine_partials`` calls, each actor fetching its partner's partial from the object store directly,
+        and the root decodes the total. int64 sums are exact in any order: the tree's shape changes no bit.
 
-        The driver receives one gradient (O(d), whatever the number of tasks and actors), and since int64 sums
-        are exact in any order, the tree's shape does not change a bit. A failure anywhere restarts the
-        reduction: an actor that died since computing its tasks computes them again (same key, same x: the
-        same gradients), the others still hold theirs."""
-        ray = self._ray
-        coefs = coefficients(self.config.aggregation, len(keys), weights)
-        exps = exponents([r["grad_maxabs"] for r in results], coefs)
+        median, trimmed_mean: sharded by coordinate. Each actor cuts its tasks' flattened gradients into R
+        column blocks (R = actors holding tasks; ``slice_kept``), and actor r combines block r of every task
+        (``robust_slice``, an all-to-all through the object store): per-actor memory O(B·d/R). Coordinates are
+        independent under these rules, so the blocks give the driver-side result's bits.
+
+        A failure anywhere restarts the reduction: an actor that died since computing its tasks computes them
+        again (same key, same x: the same gradients); the others still hold theirs."""
+        ray, rule = self._ray, self.config.aggregation
         mine: dict[int, list[int]] = {}
         for i, r in enumerate(results):
             mine.setdefault(r["worker"], []).append(i)
-        restarts = retries = 0
+        dtype = getattr(torch, self.spec.dtype)
+        if rule in LINEAR_AGGREGATIONS:
+            coefs = coefficients(rule, len(keys), weights)
+            exps = exponents([r["grad_maxabs"] for r in results], coefs)
 
-        def partial(w: int) -> tuple[dict, Any]:
-            return self._actors[w].reduce_kept.options(num_returns=2).remote([(keys[i], coefs[i]) for i in mine[w]], exps)
+            def submit(w: int) -> list:
+                return self._actors[w].reduce_kept.options(num_returns=2).remote([(keys[i], coefs[i]) for i in mine[w]], exps)
 
-        for _ in range(1 + 2 * self.num_workers * max(1, self.config.max_restarts)):
-            try:
-                calls = {w: partial(w) for w in mine}
-                parts = {}
-                for w, (status_ref, part) in calls.items():
-                    status = ray.get(status_ref)
-                    restarts += self._note_incarnation(w, status["incarnation"])
-                    if status["missing"]:  # restarted since: it computes its tasks again, then sums them
-                        retries += len(mine[w])
-                        self._events.append(f"worker {w} lost its tasks' gradients before the reduction: computed again")
-                        restarts += self._recompute_kept(w, [keys[i] for i in mine[w]])
-                        status_ref, part = partial(w)
-                        if ray.get(status_ref)["missing"]:
-                            raise _ReductionInterrupted(f"worker {w} lost its gradients again")
-                    parts[w] = part
-                level = sorted(parts.items())
+            def finish(parts: dict[int, list]) -> Params:
+                level = [(w, p[0]) for w, p in sorted(parts.items())]
                 while len(level) > 1:  # pairwise tree: (0,1) (2,3) ...; the left actor of a pair sums both
                     level = [(a[0], self._actors[a[0]].combine_partials.remote(None, a[1], b[1])) if b else a
                              for a, b in zip(level[::2], [*level[1::2], None])]
                 w0, root = level[0]
-                return ray.get(self._actors[w0].combine_partials.remote(exps, root)), restarts, retries
+                return ray.get(self._actors[w0].combine_partials.remote(exps, root))
+        else:
+            ranks = sorted(mine)
+
+            def submit(w: int) -> list:
+                return self._actors[w].slice_kept.options(num_returns=1 + len(ranks)).remote([keys[i] for i in mine[w]], len(ranks))
+
+            def finish(parts: dict[int, list]) -> Params:
+                refs = [self._actors[w].robust_slice.remote(rule, self.config.trim_fraction, *[parts[v][r] for v in ranks])
+                        for r, w in enumerate(ranks)]
+                return unflatten(torch.cat(ray.get(refs)), {k: (v.shape, dtype) for k, v in x.items()})
+
+        return self._on_kept(mine, keys, submit, finish)
+
+    def _on_kept(self, mine: dict[int, list[int]], keys: list[tuple], submit, finish) -> tuple[Params, int, int]:
+        """Runs one reduction over the gradients the actors kept: ``submit(w)`` starts worker w's part (refs:
+        [status, payload...]), ``finish(payloads by worker)`` combines them. Workers that lost their gradients
+        compute them again; a worker dying mid-way restarts the round. Returns (gradient, restarts, retries)."""
+        ray = self._ray
+        restarts = retries = 0
+        for _ in range(1 + 2 * self.num_workers * max(1, self.config.max_restarts)):
+            try:
+                calls = {w: submit(w) for w in mine}
+                parts: dict[int, list] = {}
+                for w, (status_ref, *payload) in calls.items():
+                    status = ray.get(status_ref)
+                    restarts += self._note_incarnation(w, status["incarnation"])
+                    if status["missing"]:  # restarted since: it computes its tasks again, then takes part
+                        retries += len(mine[w])
+                        self._events.append(f"worker {w} lost its tasks' gradients before the reduction: computed again")
+                        restarts += self._recompute_kept(w, [keys[i] for i in mine[w]])
+                        status_ref, *payload = submit(w)
+                        if ray.get(status_ref)["missing"]:
+                            raise _ReductionInterrupted(f"worker {w} lost its gradients again")
+                    parts[w] = payload
+                return finish(parts), restarts, retries
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, _ReductionInterrupted) as e:
                 self._events.append(f"worker died during the reduction ({type(e).__name__}): reduction restarted")
                 for w in mine:

@@ -60,12 +60,12 @@ def exponents(maxabs: Sequence[Mapping[str, float]], coefs: Sequence[float]) -> 
 
 
 def encode(grad: Mapping[str, Tensor], coef: float, exps: Mapping[str, int]) -> dict[str, Tensor]:
-    """q = round(coef · g · 2^e) per tensor, as int64 on g's device (float64 arithmetic: the product is exact to
-    float64's precision for float32 gradients and the power of two is exact)."""
+    """q = round(coef · g · 2^e) per tensor, as int64 on g's device. In float64, with coef · 2^e as one factor:
+    scaling by a power of two is exact, so this is round(fl(coef · g) · 2^e) to the bit, in one pass fewer."""
     out = {}
     for k, g in grad.items():
-        scaled = torch.ldexp(g.detach().to(torch.float64) * float(coef), torch.tensor(float(exps[k]), dtype=torch.float64, device=g.device))
-        out[k] = torch.round(scaled).to(torch.int64)
+        factor = math.ldexp(float(coef), int(exps[k]))
+        out[k] = g.detach().to(torch.float64, copy=True).mul_(factor).round_().to(torch.int64)
     return out
 
 
@@ -104,3 +104,43 @@ def coefficients(rule: str, n: int, weights: Sequence[float] | None) -> list[flo
         total = float(sum(weights))
         return [float(w) / total for w in weights]
     raise ValueError(f"only the linear rules 'mean' and 'weighted' reduce by a sum, not {rule!r}")
+
+
+# ---- the robust rules, by coordinate ---------------------------------------------------------------------------
+
+
+def robust(stack: Tensor, rule: str, trim_fraction: float = 0.1) -> Tensor:
+    """Coordinate-wise median or trimmed mean of ``stack`` [n, ...] over its first dimension. Each coordinate
+    depends on its own column only, so any partition of the coordinates gives the same bits."""
+    n = stack.shape[0]
+    s = stack.sort(dim=0).values
+    if rule == "median":
+        # the mean of the two middle values for even n (torch.median would return the lower one)
+        return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    if rule == "trimmed_mean":
+        cut = int(math.floor(trim_fraction * n))
+        s = s[cut : n - cut]
+        acc = s[0].clone()
+        for row in s[1:]:
+            acc.add_(row)
+        return acc / s.shape[0]
+    raise ValueError(f"robust rules are 'median' and 'trimmed_mean', not {rule!r}")
+
+
+def blocks(d: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous [a, b) ranges covering 0..d, sizes differing by at most one."""
+    edges = [d * i // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def unflatten(flat: Tensor, like: Mapping[str, tuple[torch.Size, torch.dtype]]) -> Params:
+    """A flat vector back into named tensors of the given shapes (and dtypes), in ``like``'s order."""
+    out: Params = {}
+    i = 0
+    for k, (shape, dtype) in like.items():
+        n = math.prod(shape)
+        out[k] = flat[i : i + n].reshape(shape).to(dtype)
+        i += n
+    if i != flat.numel():
+        raise ValueError(f"unflatten: {flat.numel()} values for tensors of {i} in all")
+    return out

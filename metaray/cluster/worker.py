@@ -227,6 +227,20 @@ class InnerLearner:
                 partial = reduce.add_into(partial, reduce.encode(self._kept[key], c, exps))
         return {"missing": missing, "incarnation": self.incarnation}, (_to_cpu(partial) if partial is not None else None)
 
+    def slice_kept(self, keys: list, ranks: int) -> tuple:
+        """(status, block_0, ..., block_{ranks-1}): the kept gradients of ``keys``, each flattened in x's key
+        order, stacked to [len(keys), d] and cut into ``ranks`` contiguous column blocks (for ``robust_slice``)."""
+        missing = [key for key in keys if key not in self._kept]
+        status = {"missing": missing, "incarnation": self.incarnation}
+        if missing:
+            return (status, *[None] * ranks)
+        flat = torch.stack([torch.cat([self._kept[key][k].reshape(-1) for k in self._x]) for key in keys])
+        return (status, *[_to_cpu(flat[:, a:b].contiguous()) for a, b in reduce.blocks(flat.shape[1], ranks)])
+
+    def robust_slice(self, rule: str, trim_fraction: float, *blocks: Tensor) -> Tensor:
+        """One column block of the robust rule: ``blocks`` are every worker's rows of it (fetched here)."""
+        return _to_cpu(reduce.robust(torch.cat([b.to(self.device) for b in blocks]), rule, trim_fraction))
+
     def combine_partials(self, exps: Mapping[str, int] | None, *partials: Mapping[str, Tensor]) -> Params:
         """Σ of other workers' int64 partial sums (Ray fetches them here, worker to worker, not through the
         driver); with ``exps``, the decoded gradient g = Q 2^-e in this worker's dtype (the root of the tree)."""

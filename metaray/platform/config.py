@@ -230,6 +230,9 @@ class ClusterSettings(_Section):
     reduction: str = _setting(
         "actors", "'actors': mean/weighted gradients summed exactly on the actors, none sent per task; 'driver': "
         "every task's gradient sent to the driver (same result)", choices=("actors", "driver"))
+    scheduling: str = _setting(
+        "dynamic", "'dynamic': a stateless solver's next task goes to whichever actor is free; 'static': task i to "
+        "actor owner(key) (same result)", choices=("dynamic", "static"))
 
     def cluster_config(self):
         from ..cluster.config import ClusterConfig

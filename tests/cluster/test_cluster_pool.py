@@ -25,6 +25,7 @@ from metaray.cluster import (
     WorkerPool,
     WorkerSpec,
 )
+from metaray.cluster.worker import owner
 from metaray.tasks import ModelProblem, QuadraticProblem, SinusoidSource, mlp
 
 from cluster_helpers import PoisonedSource, QuadraticSource, SlowSource, StragglerSource
@@ -124,7 +125,10 @@ def test_one_two_three_actors_give_the_same_outer_params(metrics_port, reference
             last = results[-1]
             assert rel(x, ref) < 1e-6, (solver, n, rel(x, ref))
             assert sorted(last.per_worker) == list(range(n))
-            assert [t["worker"] for t in last.per_task] == [i % n for i in range(6)]
+            if solver == "fsla":  # stateful: each task on the actor that owns its state
+                assert [t["worker"] for t in last.per_task] == [i % n for i in range(6)]
+            else:  # dynamic scheduling: wherever an actor was free; two in flight per actor to start with
+                assert sorted(t["worker"] for t in last.per_task) == sorted(i % n for i in range(6))
             assert last.restarts == 0 and last.retries == 0
         if solver == "fsla":
             # a checkpoint moves between pool sizes: each task's state goes to its new owner
@@ -170,11 +174,11 @@ def fomaml32_spec(source=None) -> WorkerSpec:
 class KillDuringReduction(WorkerPool):
     """Kills worker 1 (SIGKILL) after the step's tasks are computed and before the actors sum them, on step 1."""
 
-    def _reduce_on_actors(self, keys, results, weights):
+    def _reduce_on_actors(self, x, keys, results, weights):
         if keys[0][1] == 1:
             os.kill(self.pids[1], signal.SIGKILL)
             time.sleep(0.5)
-        return super()._reduce_on_actors(keys, results, weights)
+        return super()._reduce_on_actors(x, keys, results, weights)
 
 
 def test_reduction_on_actors_is_bit_identical_for_any_number_of_actors(metrics_port, one_thread):
@@ -195,6 +199,10 @@ def test_reduction_on_actors_is_bit_identical_for_any_number_of_actors(metrics_p
                                                    reduction="driver"), "red-driver") as pool:
         assert not pool._reduces_on_actors()
         runs["driver"] = train(pool, x0, 3, tasks=7)
+    with WorkerPool(fomaml32_spec(), ClusterConfig(num_workers=3, num_cpus_per_worker=0.5, metrics=False,
+                                                   scheduling="static"), "red-static") as pool:
+        runs["static"] = train(pool, x0, 3, tasks=7)
+    assert [t["worker"] for t in runs["static"][1][0].per_task] == [owner(k, 3) for k in [("train", 0, i) for i in range(7)]]
     with KillDuringReduction(fomaml32_spec(), ClusterConfig(num_workers=2, num_cpus_per_worker=0.5, metrics=False),
                              "red-kill") as pool:
         runs["killed"] = train(pool, x0, 3, tasks=7)
@@ -202,7 +210,8 @@ def test_reduction_on_actors_is_bit_identical_for_any_number_of_actors(metrics_p
         for k in ref:
             assert torch.equal(x[k], ref[k]), (name, k, float((x[k] - ref[k]).abs().max()))
     killed = runs["killed"][1][1]
-    assert killed.restarts == 1 and killed.retries == 3  # worker 1's three tasks computed again
+    # worker 1's tasks of that step computed again
+    assert killed.restarts == 1 and killed.retries == sum(t["worker"] == 1 for t in killed.per_task) >= 2
     assert any("died during the reduction" in e or "lost its tasks" in e for e in killed.events), killed.events
     # the per-worker split really was uneven: 7 tasks over 4 actors is 2/2/2/1
     assert [runs[4][1][0].per_worker[w]["tasks"] for w in range(4)] == [2, 2, 2, 1]
@@ -255,7 +264,7 @@ def test_non_finite_hypergradient_fails_the_step_cleanly(metrics_port):
     with WorkerPool(spec, ClusterConfig(num_workers=2, metrics=False), "nan") as pool:
         pool.step(x0, [("train", 0, i) for i in range(6)])
         with pytest.warns(RuntimeWarning, match="retrying once"):
-            with pytest.raises(NonFiniteStepError, match=r"task \('train', 1, 4\) on worker 0.*step abandoned"):
+            with pytest.raises(NonFiniteStepError, match=r"task \('train', 1, 4\) on worker [01].*step abandoned"):  # dynamic: either actor
                 pool.step(x0, [("train", 1, i) for i in range(6)])
         # the pool is still usable, and x0 was never written
         r = pool.step(x0, [("train", 2, i) for i in range(6)])
