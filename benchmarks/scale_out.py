@@ -4,10 +4,13 @@ Workload (the issue's): first-order MAML on sinusoid tasks, MLP 1-H-H-1 (H = 100
 4.0M), 5 inner steps, 8 tasks a step, float32, one torch thread per process. Configurations, timed side by side
 in interleaved rounds (this machine is shared: only ratios measured in one run mean anything):
 
-- one process (InProcessPool: no Ray);
+- one process (InProcessPool: no Ray), with one torch thread and with two (both cores through torch's own
+  threads: the ceiling of what the actors can add on this machine);
 - 1 and 2 Ray actors with ``reduction="driver"`` (every task's gradient goes to the driver, as before #17);
 - 1 and 2 Ray actors with ``reduction="actors"`` (exact int64 partial sums reduced among the actors; the driver
-  receives one gradient).
+  receives one gradient);
+- the coordinate-wise median (1.0M params only): in one process, gathered in the driver, and sharded by
+  coordinate among 2 actors.
 
 Reported: median ms/step, gradient bytes into the driver per step (the pool's ``pool_grad_bytes_to_driver``),
 and whether the outer gradient is bit-identical across all configurations.
@@ -52,11 +55,16 @@ def build(quick: bool, img_dir: Path) -> dict:
         for hidden in sizes:
             s, x = spec(hidden)
             d = sum(v.numel() for v in x.values())
-            cfg = lambda n, red: ClusterConfig(num_workers=n, num_cpus_per_worker=0.25, metrics=False, reduction=red)  # noqa: E731
-            pools = {"one process": InProcessPool(s)}
+            cfg = lambda n, red, rule="mean": ClusterConfig(num_workers=n, num_cpus_per_worker=0.25, metrics=False,  # noqa: E731
+                                                            reduction=red, aggregation=rule)
+            pools = {"one process": InProcessPool(s), "one process, 2 torch threads": InProcessPool(s)}
             for n in (1, 2):
                 for red in ("driver", "actors"):
                     pools[f"{n} actor{'s' if n > 1 else ''}, reduction={red}"] = WorkerPool(s, cfg(n, red), f"so-{hidden}-{n}-{red}")
+            if hidden == sizes[0]:  # the coordinate-wise median: gathered and sorted in the driver, or sharded
+                pools["one process, median"] = InProcessPool(s, cfg(1, "driver", "median"))
+                for red in ("driver", "actors"):
+                    pools[f"2 actors, median, reduction={red}"] = WorkerPool(s, cfg(2, red, "median"), f"so-med-{red}")
             times = {name: [] for name in pools}
             grads, bytes_in = {}, {}
             try:
@@ -65,24 +73,28 @@ def build(quick: bool, img_dir: Path) -> dict:
                 for r in range(rounds):
                     for name, pool in pools.items():
                         keys = [("train", 1 + r, i) for i in range(TASKS)]
+                        torch.set_num_threads(2 if "2 torch threads" in name else 1)
                         t0 = time.perf_counter()
                         res = pool.step(x, keys)
                         times[name].append(time.perf_counter() - t0)
+                        torch.set_num_threads(1)
                         if r == 0:
                             grads[name] = res.grad
                         bytes_in[name] = res.metrics.get("pool_grad_bytes_to_driver", float("nan"))
             finally:
                 for pool in pools.values():
                     pool.shutdown()
-            base = statistics.median(times["one process"])
-            ref = grads["one process"]
-            same = {name: all(torch.equal(g[k], ref[k]) for k in ref) for name, g in grads.items()}
+            # each configuration against the one-process run of its own rule
+            base_of = lambda name: "one process, median" if "median" in name else "one process"  # noqa: E731
+            # (not for 2 threads: a matmul's bits depend on the thread count)
+            same = {name: None if "2 torch threads" in name else all(torch.equal(g[k], grads[base_of(name)][k]) for k in g)
+                    for name, g in grads.items()}
             for name in pools:
-                med = statistics.median(times[name])
+                med, base = statistics.median(times[name]), statistics.median(times[base_of(name)])
                 rows.append([f"{d / 1e6:.1f}M", name, med * 1e3, base / med, bytes_in[name] / 2**20,
-                             "yes" if same[name] else "NO"])
+                             "n/a" if same[name] is None else "yes" if same[name] else "NO"])
             data[str(d)] = {"seconds": times, "bytes_to_driver": bytes_in, "bit_identical": same}
-            if not all(same.values()):
+            if not all(v for v in same.values() if v is not None):
                 notes.append(f"d={d}: outer gradients differ between configurations: {same}")
     finally:
         ray.shutdown()
@@ -91,7 +103,7 @@ def build(quick: bool, img_dir: Path) -> dict:
         "intro": ("First-order MAML, sinusoid, MLP 1-H-H-1, 5 inner steps, 8 tasks a step, float32, one thread per "
                   f"process, {rounds} interleaved rounds (median). 'speed vs one process' > 1 is faster. Gradient "
                   "bytes are those the driver receives per step; bit-identical compares each configuration's outer "
-                  "gradient with the one-process run's."),
+                  "gradient with the one-process run's of the same rule."),
         "tables": [table("ms per outer step", ["params", "configuration", "ms/step", "speed vs one process",
                                                "MiB of gradients to the driver", "bit-identical"], rows)],
         "plots": [],

@@ -122,6 +122,7 @@ class _PoolBase(abc.ABC):
         self.num_workers = config.num_workers
         self._snapshot: dict[TaskId, Any] = {}  # the driver's copy of per-task state (stateful solvers)
         self._has_state: set[TaskId] = set()    # tasks whose state some worker must hold
+        self._current: set[TaskId] = set()      # tasks whose snapshot is their newest state (exact to restart from)
         self._steps = 0
         self._grad_bytes = 0  # gradient bytes the driver received in the last train step
         self._closed = False
@@ -221,6 +222,9 @@ class _PoolBase(abc.ABC):
                     self._has_state.add(task_id(r["key"]))
                     if r["state"] is not None:
                         self._snapshot[task_id(r["key"])] = r["state"][0]
+                        self._current.add(task_id(r["key"]))
+                    else:  # the task moved on; the pool's copy of its state is older now
+                        self._current.discard(task_id(r["key"]))
             self._steps += 1
         else:
             grad = {k: torch.zeros_like(v) for k, v in x.items()}
@@ -314,6 +318,7 @@ class _PoolBase(abc.ABC):
         pool's own snapshot. Stateless solvers: empty ``tasks``."""
         tasks = self._gather_states() if self.stateful else {}
         self._snapshot.update(tasks)
+        self._current.update(tasks)
         return {"solver": self.spec.solver, "stateful": self.stateful, "steps": self._steps, "tasks": dict(tasks)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -330,6 +335,7 @@ class _PoolBase(abc.ABC):
         self._steps = int(state.get("steps", 0))
         self._snapshot = dict(tasks)
         self._has_state = set(tasks)
+        self._current = set(tasks)
         self._scatter_states(tasks)
 
     def _rollback(self, keys: list[tuple]) -> None:
@@ -337,6 +343,7 @@ class _PoolBase(abc.ABC):
         so tasks that finished before the failure do not run ahead of the others."""
         ids = [task_id(k) for k in keys]
         restore = {tid: self._snapshot[tid] for tid in ids if tid in self._snapshot}
+        self._current.update(restore)
         self._update_states(restore, [tid for tid in ids if tid not in self._has_state])
 
     def _batch_size(self, mode: str, n: int) -> int:
@@ -525,6 +532,10 @@ class WorkerPool(_PoolBase):
         # States sent back to workers (restores, checkpoints) are copied there before any use.
         warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
         self._ray = ray
+        # What a lost worker looks like: its process died (RayActorError), or its node did, taking the objects it
+        # held (NodeDiedError, ObjectLostError: not RayActorError subclasses in Ray 2.60). All mean the same here:
+        # recover the actor and compute its tasks again.
+        self._lost = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
         self._owns_ray = init_ray(config.address)
         self._pg = None
         self._bundle_offset, self._owns_pg = 0, True  # actor i goes to bundle offset + i of self._pg
@@ -736,7 +747,7 @@ class WorkerPool(_PoolBase):
                     continue
                 try:
                     rs = ray.get(ref)
-                except ray.exceptions.RayActorError:
+                except self._lost:
                     self._events.append(f"worker {a.worker} died while computing tasks {[keys[i] for i in a.chunk]}: re-dispatched")
                     restarts += self._recover(a.worker)
                     retries += len(a.chunk)
@@ -751,7 +762,7 @@ class WorkerPool(_PoolBase):
                 else:
                     try:
                         r = ray.get(got)
-                    except ray.exceptions.RayActorError:
+                    except self._lost:
                         if results[a.index] is not None:
                             continue
                         self._events.append(f"worker {a.worker} died while computing task {key}: re-dispatched")
@@ -781,6 +792,17 @@ class WorkerPool(_PoolBase):
                     if a.backed_up or a.backup or results[a.index] is not None or now - a.started < c.step_timeout_s:
                         continue
                     a.backed_up = True
+                    tid = task_id(keys[a.index])
+                    if self.stateful and mode == "train" and tid in self._has_state and tid not in self._current:
+                        # a copy elsewhere would start from an older state and silently give other numbers
+                        self._events.append(
+                            f"task {keys[a.index]} on worker {a.worker} exceeded step_timeout_s={c.step_timeout_s:g} "
+                            f"but was not re-dispatched: the pool's copy of its state is older than its last step "
+                            f"(state_snapshot_every={c.state_snapshot_every}), so a copy would start from a stale "
+                            f"state; waiting for worker {a.worker} (state_snapshot_every=1 keeps every task "
+                            "re-dispatchable)"
+                        )
+                        continue
                     load = [0] * self.num_workers
                     for b in pending.values():
                         load[b.worker] += 1
@@ -872,7 +894,7 @@ class WorkerPool(_PoolBase):
                             raise _ReductionInterrupted(f"worker {w} lost its gradients again")
                     parts[w] = payload
                 return finish(parts), restarts, retries
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, _ReductionInterrupted) as e:
+            except (*self._lost, _ReductionInterrupted) as e:
                 self._events.append(f"worker died during the reduction ({type(e).__name__}): reduction restarted")
                 for w in mine:
                     restarts += self._recover(w)
@@ -886,7 +908,7 @@ class WorkerPool(_PoolBase):
                 rs = ray.get([self._actors[w].run_ref.remote(self._x_box, k, "train", None, False, True, False, True)
                               for k in keys])
                 break
-            except ray.exceptions.RayActorError:
+            except self._lost:
                 restarts += self._recover(w)
         bad = [r for r in rs if r["error"]]
         if bad:  # it was finite a moment ago: a non-deterministic problem or solver
@@ -902,7 +924,7 @@ class WorkerPool(_PoolBase):
         for w in range(self.num_workers):
             try:
                 states = ray.get(self._actors[w].get_states.remote())
-            except ray.exceptions.RayActorError:
+            except self._lost:
                 self._recover(w)
                 states = {}
             for tid, s in states.items():

@@ -349,7 +349,10 @@ def test_mlp_optimizer_beats_tuned_sgd_and_adam_on_held_out_quadratics():
 @pytest.mark.slow
 def test_lstm_optimizer_beats_tuned_sgd_and_adam_on_held_out_classifiers():
     """The second optimizee family: sigmoid MLPs on synthetic classification (random scaling a = 1 during
-    meta-training as Lv et al., none at test). Final training cross entropy after 40 steps on 16 held-out nets."""
+    meta-training as Lv et al., none at test). Final training cross entropy after 40 steps on 64 held-out nets (8
+    samples of 8). Measured on an AMD EPYC: learned 0.0092, best SGD 0.17 (lr 3), best Adam 0.037 (lr 0.3). With
+    16 nets (2 samples) the same trained optimizer measured 0.027 against Adam's 0.044 on this CPU and under half
+    of Adam's on another: too few nets to decide a factor of 2."""
     torch.manual_seed(0)
     src = SyntheticClassification(batch=8, seed=0, random_scale=1.0)
     solver = S.make("l2o", arch="lstm", inner_steps=20, horizon=40, log_loss=True, grad_clip=10.0)
@@ -357,7 +360,7 @@ def test_lstm_optimizer_beats_tuned_sgd_and_adam_on_held_out_classifiers():
     w, _ = meta_train(solver, src, init_weights(net, seed=0), 200, lr=0.01)
     test_src = SyntheticClassification(batch=8, seed=0)
     problem = test_src.problem()
-    held_out = [test_src.sample(("test", 0, i)) for i in range(2)]
+    held_out = [test_src.sample(("test", 0, i)) for i in range(8)]
     learned = _final_loss_learned(net, w, problem, held_out, 40)
     best_sgd = min(_final_loss_torch(torch.optim.SGD, lr, problem, held_out, 40) for lr in [0.1, 0.3, 1, 3, 10, 30])
     best_adam = min(_final_loss_torch(torch.optim.Adam, lr, problem, held_out, 40) for lr in [0.01, 0.03, 0.1, 0.3, 1])
