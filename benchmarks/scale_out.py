@@ -55,7 +55,7 @@ def build(quick: bool, img_dir: Path) -> dict:
         for hidden in sizes:
             s, x = spec(hidden)
             d = sum(v.numel() for v in x.values())
-            cfg = lambda n, red, rule="mean": ClusterConfig(num_workers=n, num_cpus_per_worker=0.25, metrics=False,  # noqa: E731
+            cfg = lambda n, red, rule="mean": ClusterConfig(num_workers=n, num_cpus_per_worker=0.125, metrics=False,  # noqa: E731
                                                             reduction=red, aggregation=rule)
             pools = {"one process": InProcessPool(s), "one process, 2 torch threads": InProcessPool(s)}
             for n in (1, 2):
