@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..solvers.core import Params
-from .config import AGGREGATIONS
+from .config import AGGREGATIONS, LINEAR_AGGREGATIONS
 from .reduce import coefficients, exact_sum, robust
 
 
@@ -54,6 +54,6 @@ def aggregate(
     elif weights is not None:
         raise ValueError(f"weights are only used by aggregation 'weighted', not {rule!r}")
 
-    if rule in ("mean", "weighted"):
+    if rule in LINEAR_AGGREGATIONS:
         return exact_sum(grads, coefficients(rule, n, w if rule == "weighted" else None))
     return {k: robust(_stack(grads, k), rule, trim_fraction) for k in keys}

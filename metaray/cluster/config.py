@@ -112,11 +112,12 @@ class ClusterConfig:
                           step says batching is faster there, else one at a time. Stateful solvers, evaluation
                           and pools with ``step_timeout_s`` (stragglers are re-dispatched per task) run one at a
                           time.
-    reduction:            "actors" (default): with a linear aggregation (mean, weighted) and a stateless solver,
-                          each actor keeps its tasks' gradients on its device and the actors' exact int64 partial
-                          sums are combined (cluster/reduce.py), so the driver receives no per-task gradient;
-                          "driver": every task's gradient goes to the driver, which aggregates them (what the
-                          stateful solvers and straggler re-dispatch always do). Both give the same bits.
+    reduction:            "actors" (default): with a stateless solver, each actor keeps its tasks' gradients on
+                          its device and the actors reduce them among themselves (cluster/reduce.py: exact int64
+                          partial sums for mean and weighted, coordinate blocks for median and trimmed_mean), so
+                          the driver receives one gradient; "driver": every task's gradient goes to the driver,
+                          which aggregates them (what stateful solvers and straggler re-dispatch always do).
+                          Both give the same bits.
     scheduling:           "dynamic" (default): a stateless solver's tasks go to whichever actor is free (two in
                           flight per actor); "static": task i of a step always goes to actor ``owner(key)``, as
                           stateful solvers always do (the owner holds the task's state). The reduction is exact

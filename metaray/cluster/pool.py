@@ -124,7 +124,6 @@ class _PoolBase(abc.ABC):
         self._has_state: set[TaskId] = set()    # tasks whose state some worker must hold
         self._current: set[TaskId] = set()      # tasks whose snapshot is their newest state (exact to restart from)
         self._steps = 0
-        self._grad_bytes = 0  # gradient bytes the driver received in the last train step
         self._closed = False
         self._events: list[str] = []
 
@@ -205,6 +204,7 @@ class _PoolBase(abc.ABC):
                 self._rollback(keys)
             raise
 
+        grad_bytes = 0  # gradient bytes the driver received this step
         if mode == "train":
             if keep:  # the gradients stayed on the actors: combine their exact partial sums
                 agg, more_restarts, more_retries = self._reduce_on_actors(x, keys, results, w)
@@ -215,7 +215,7 @@ class _PoolBase(abc.ABC):
                     check_same_keys(x, r["grad"], "outer params x", f"hypergradient of task {r['key']}")
                 agg = aggregate([r["grad"] for r in results], self.config.aggregation, w, self.config.trim_fraction)
                 received = [r["grad"] for r in results]
-            self._grad_bytes = sum(v.numel() * v.element_size() for g in received for v in g.values())
+            grad_bytes = sum(v.numel() * v.element_size() for g in received for v in g.values())
             grad = {k: agg[k].to(device=x[k].device, dtype=x[k].dtype) for k in x}
             if self.stateful:
                 for r in results:
@@ -229,12 +229,12 @@ class _PoolBase(abc.ABC):
         else:
             grad = {k: torch.zeros_like(v) for k, v in x.items()}
         seconds = time.perf_counter() - t0
-        result = self._result(x, grad, results, restarts, retries, seconds, mode)
+        result = self._result(x, grad, results, restarts, retries, seconds, mode, grad_bytes)
         if self.config.metrics:
             self._record(result, mode == "train")
         return result
 
-    def _result(self, x, grad, results, restarts, retries, seconds, mode) -> StepResult:
+    def _result(self, x, grad, results, restarts, retries, seconds, mode, grad_bytes) -> StepResult:
         per_task = [
             {"key": r["key"], "worker": r["worker"], "outer_loss": r["outer_loss"], "inner_loss": r["inner_loss"], **r["metrics"]}
             for r in results
@@ -259,7 +259,7 @@ class _PoolBase(abc.ABC):
             pool_retries=float(retries),
             pool_workers=float(self.num_workers),
             # gradient bytes that reached the driver this step: B·4d gathered, 4d (float32) reduced on the actors
-            pool_grad_bytes_to_driver=float(self._grad_bytes) if mode == "train" else 0.0,
+            pool_grad_bytes_to_driver=float(grad_bytes),
         )
         return StepResult(
             grad=grad,
@@ -355,15 +355,9 @@ class _PoolBase(abc.ABC):
         return n if b == "auto" else int(b)
 
     def _reduces_on_actors(self) -> bool:
-        """Whether this step's gradients are reduced on the actors (``ClusterConfig.reduction``): stateless
-        solvers, and no straggler re-dispatch (a reduction call would queue behind the straggler on its
-        actor)."""
+        """Whether this step's gradients are reduced on the actors (``ClusterConfig.reduction``). Only the Ray
+        pool does (``WorkerPool._reduce_on_actors``); the in-process pool has its one learner's gradients at hand."""
         return False
-
-    def _reduce_on_actors(self, x: Params, keys: list[tuple], results: list[dict],
-                          weights: list[float] | None) -> tuple[Params, int, int]:
-        """The aggregated gradient from the actors' partial sums; returns (gradient, restarts, retries)."""
-        raise NotImplementedError(f"{type(self).__name__} does not reduce on actors")
 
     # ---- what each pool (in-process, Ray actors) implements ----------------------------------------------
 
@@ -821,6 +815,7 @@ class WorkerPool(_PoolBase):
     # ---- the reduction (reduce.py) ----------------------------------------------------------------------
 
     def _reduces_on_actors(self) -> bool:
+        # stateless solvers only, and no straggler re-dispatch (a reduction call would queue behind the straggler)
         c = self.config
         return c.reduction == "actors" and not self.stateful and c.step_timeout_s is None
 

@@ -80,11 +80,7 @@ def add_into(acc: dict[str, Tensor] | None, q: Mapping[str, Tensor]) -> dict[str
 
 def decode(total: Mapping[str, Tensor], exps: Mapping[str, int], dtypes: Mapping[str, torch.dtype]) -> Params:
     """g = Q 2^-e per tensor, rounded once to ``dtypes[k]`` (the task gradients' dtype)."""
-    out: Params = {}
-    for k, q in total.items():
-        q = q.to(torch.float64)
-        out[k] = torch.ldexp(q, torch.tensor(-float(exps[k]), dtype=torch.float64, device=q.device)).to(dtypes[k])
-    return out
+    return {k: q.to(torch.float64).mul_(math.ldexp(1.0, -int(exps[k]))).to(dtypes[k]) for k, q in total.items()}
 
 
 def exact_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float]) -> Params:

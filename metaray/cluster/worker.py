@@ -215,24 +215,28 @@ class InnerLearner:
         self._kept[key] = {k: v.detach() for k, v in grad.items()}
         return {"grad": None, "grad_maxabs": reduce.max_abs(grad)}
 
+    def _kept_status(self, keys: list) -> dict[str, Any]:
+        """What a reduction call answers first: the keys whose gradients this process does not hold (it was
+        restarted since computing them) and this process's incarnation."""
+        return {"missing": [key for key in keys if key not in self._kept], "incarnation": self.incarnation}
+
     def reduce_kept(self, entries: list[tuple[Any, float]], exps: Mapping[str, int]) -> tuple[dict[str, Any], Any]:
         """(status, partial): partial = Σ round(c_i g_i 2^e) in int64 over the kept gradients of ``entries`` =
         [(key, c_i), ...], this worker's exact partial sum (reduce.py). Keys not kept here (the process was
         restarted since) are listed in status["missing"], and no partial is made. The kept gradients stay until
         the next step's x arrives, so a reduction that fails further up the tree can be run again."""
-        missing = [key for key, _ in entries if key not in self._kept]
+        status = self._kept_status([key for key, _ in entries])
         partial = None
-        if not missing:
+        if not status["missing"]:
             for key, c in entries:
                 partial = reduce.add_into(partial, reduce.encode(self._kept[key], c, exps))
-        return {"missing": missing, "incarnation": self.incarnation}, (_to_cpu(partial) if partial is not None else None)
+        return status, (_to_cpu(partial) if partial is not None else None)
 
     def slice_kept(self, keys: list, ranks: int) -> tuple:
         """(status, block_0, ..., block_{ranks-1}): the kept gradients of ``keys``, each flattened in x's key
         order, stacked to [len(keys), d] and cut into ``ranks`` contiguous column blocks (for ``robust_slice``)."""
-        missing = [key for key in keys if key not in self._kept]
-        status = {"missing": missing, "incarnation": self.incarnation}
-        if missing:
+        status = self._kept_status(keys)
+        if status["missing"]:
             return (status, *[None] * ranks)
         flat = torch.stack([torch.cat([self._kept[key][k].reshape(-1) for k in self._x]) for key in keys])
         return (status, *[_to_cpu(flat[:, a:b].contiguous()) for a, b in reduce.blocks(flat.shape[1], ranks)])

@@ -12,18 +12,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 @pytest.fixture(scope="session")
 def ray_local():
-    import cloudpickle
-
     import faultkit
-    from metaray.cluster import init_ray
 
-    import ray
-
-    # "local": always a fresh cluster of our own, never one another process left behind on this machine
-    started = init_ray("local")
-    # the test-only problems travel to the workers by value (workers cannot import tests/)
-    cloudpickle.register_pickle_by_value(faultkit)
-    ray.cloudpickle.register_pickle_by_value(faultkit)
+    ray, started = faultkit.start_local_ray()
     yield ray
     if started:
         ray.shutdown()

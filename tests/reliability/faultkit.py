@@ -60,6 +60,22 @@ class SlowQuadratic(QuadraticProblem):
         return loss * float("nan") if task.poison == "nan" else loss
 
 
+def start_local_ray():
+    """A fresh local Ray cluster started by metaray's own ``init_ray`` (so the security tests check the defaults
+    metaray really uses), with this module sent to the workers by value (workers cannot import tests/). Returns
+    (ray, whether this call started it)."""
+    import cloudpickle
+
+    import ray
+    from metaray.cluster import init_ray
+
+    started = init_ray("local")  # "local": never a cluster another process left behind on this machine
+    this = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(this)
+    ray.cloudpickle.register_pickle_by_value(this)
+    return ray, started
+
+
 def spec(delay: float = 0.0, poisons: tuple = (), solver: str = "rad", poison_steps: tuple = (), **options):
     from metaray.cluster import WorkerSpec
 

@@ -90,14 +90,7 @@ def soak_in_fresh_driver(kind: str, steps: int, **options) -> dict:
 
 def _run_soak_here(kind: str, steps: int, **options) -> dict:
     """The driver side of ``soak_in_fresh_driver``: the same set-up as the ``ray_local`` fixture, then one soak."""
-    import cloudpickle
-
-    import ray
-    from metaray.cluster import init_ray
-
-    init_ray("local")
-    cloudpickle.register_pickle_by_value(K)  # the test-only problems travel to the workers by value
-    ray.cloudpickle.register_pickle_by_value(K)
+    ray, _ = K.start_local_ray()
     try:
         if kind == "maml":
             spec = _maml_spec()
