@@ -113,6 +113,19 @@ def run_steps(pool, steps: int, n_tasks: int = 4, on_step=None) -> tuple[Params,
     return x, results
 
 
+def release_free_heap() -> None:
+    """glibc's ``malloc_trim(0)``: hands freed heap pages back to the OS, so this process's RSS measures live
+    memory rather than what the allocator happens to keep cached after frees (noise that a soak's RSS slope
+    would otherwise read as growth). A no-op where glibc is not the C library."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def rss_bytes(pid: int | None = None) -> int:
     with open(f"/proc/{pid or os.getpid()}/status") as f:
         for line in f:

@@ -53,6 +53,7 @@ def soak(ray, steps: int, sample_every: int = 50, metrics: bool = True, spec=Non
             peaks.append([r.per_worker[w].get("peak_memory_bytes") for w in sorted(r.per_worker)])
             if s % sample_every == 0 or s == steps - 1:
                 gc.collect()
+                K.release_free_heap()  # RSS then counts live memory, not heap pages malloc kept after frees
                 samples.append({"step": s, "rss": K.rss_bytes(), "store": object_store_used(ray), "refs": live_refs(ray),
                                 "worker_rss": [K.rss_bytes(p) for p in pool.pids]})
         seconds = time.perf_counter() - t0
