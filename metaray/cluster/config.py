@@ -97,8 +97,9 @@ class ClusterConfig:
                           the cluster has (a group that cannot fit never fails by itself)
     aggregation:          mean | weighted (needs weights) | median (coordinate-wise) | trimmed_mean
     trim_fraction:        fraction of tasks dropped at each end per coordinate by trimmed_mean, in [0, 0.5)
-    step_timeout_s:       straggler deadline per task; a task not back by then is re-dispatched to another actor
-                          (None: no deadline)
+    step_timeout_s:       straggler deadline per task, counted from when the task started on its actor (not
+                          from its submission); a task not back by then gets a copy on another actor, the tasks
+                          queued behind it move, and the copy that loses is cancelled (None: no deadline)
     max_restarts:         Ray restarts of a dead actor; past that the actor is replaced, up to this many times
     address:              ray.init(address=...); None joins the cluster of ``ray job submit`` (RAY_ADDRESS) or
                           starts a local one

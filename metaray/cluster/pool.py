@@ -8,25 +8,22 @@ overhead). Both have the same interface and give the same numbers.
 One outer step (``step``):
 1. x is put in the object store once, as NumPy arrays (zero-copy reads on every actor of the node); each
    call carries only the reference and one task key.
-2. Task ``(split, step, i)`` goes to its owner, worker ``i % num_workers`` (see worker.py: the task's state
-   lives there). Calls are pipelined: every actor has its next task queued.
-3. Results are collected, then aggregated in the order of the keys the caller gave, by a fixed sequence of
-   floating-point operations: the result does not depend on how many actors computed it.
+2. The tasks are dispatched to the actors (dispatch.py): a stateless solver's to whichever actor is free, a
+   stateful one's to its owner, worker ``i % num_workers`` (worker.py: the task's state lives there).
+3. The gradients are aggregated, in the order of the keys the caller gave or exactly in any order: among the
+   actors (collective.py, reduce.py; the driver receives one gradient) or in the driver (aggregate.py). The
+   result does not depend on how many actors computed it, nor on which.
 
-Faults, handled in the driver (Ray's own method retries are off: a method that kills its process would be
-retried into every restart):
-- an actor dies (ActorUnavailableError while Ray restarts it, ActorDiedError once it is gone for good):
-  wait for the restart, or replace the actor in its placement-group bundle, then re-dispatch its tasks. A
-  stateful task resumes from the driver's snapshot of its state; the worker refuses to start a task it
-  should hold state for but does not, so lost state is never silently reset.
-- a task not back within ``step_timeout_s`` is re-dispatched to another actor; the first result wins.
-- a non-finite loss or hypergradient is reported and the task retried once; a second failure raises
-  ``NonFiniteStepError``. No state is committed and nothing is returned, so x is never touched.
+Faults are handled in the driver (Ray's own method retries are off: a method that kills its process would be
+retried into every restart). An actor that dies is waited for while Ray restarts it (ActorUnavailableError),
+or replaced in its placement-group bundle once it is gone for good (ActorDiedError); its tasks are dispatched
+again, a stateful one from the driver's snapshot of its state (the worker refuses to start a task it should
+hold state for but does not, so lost state is never silently reset). Stragglers and non-finite results:
+dispatch.py.
 """
 from __future__ import annotations
 
 import abc
-import collections
 import math
 import os
 import re
@@ -38,28 +35,18 @@ from typing import Any, Sequence
 import torch
 
 from ..solvers import get as get_solver
-from ..solvers.core import NonFiniteError, Params, check_params, check_same_keys, tnorm
+from ..solvers.core import Params, check_params, check_same_keys, tnorm
 from ..tasks.base import check_key
 from .aggregate import aggregate
-from .config import LINEAR_AGGREGATIONS, ClusterConfig, WorkerSpec, check_spec_for_config
-from .reduce import coefficients, exponents, unflatten
+from .config import ClusterConfig, WorkerSpec, check_spec_for_config
+from .collective import reduce_on_actors
+from .dispatch import StepDispatch, chunks
+from .errors import NonFiniteStepError, PlacementTimeoutError, PoolError  # noqa: F401  (public here too)
 from .worker import InnerLearner, TaskId, owner, task_id
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 LOOPBACK = "127.0.0.1"  # the node IP of a local cluster started by init_ray
-
-
-class PoolError(RuntimeError):
-    """A worker pool could not do what was asked; the message says why and what to change."""
-
-
-class PlacementTimeoutError(PoolError, TimeoutError):
-    """The placement group did not fit in the cluster within ``placement_timeout_s``."""
-
-
-class NonFiniteStepError(NonFiniteError):
-    """A task's hypergradient stayed non-finite after its retry: the step is abandoned, x is unchanged."""
 
 
 @dataclass
@@ -86,11 +73,6 @@ class StepResult:
     retries: int
     seconds: float
     events: list[str] = field(default_factory=list)  # what went wrong and how it was handled, in order
-
-
-def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
-    items = list(items)
-    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
 
 
 def _check_run_name(run_name: Any) -> str:
@@ -405,7 +387,7 @@ class InProcessPool(_PoolBase):
         xw = self._learner.set_x(x)
         results, retries, tries = [], 0, {}
         first = {}
-        for chunk in _chunks(keys, self._batch_size(mode, len(keys))):  # tasks_per_batch; [key] chunks by default
+        for chunk in chunks(keys, self._batch_size(mode, len(keys))):  # tasks_per_batch; [key] chunks by default
             if len(chunk) > 1:
                 first.update({r["key"]: r for r in self._learner.run_batch(
                     xw, chunk, mode, snapshot=snapshot, tasks_per_batch=self.config.tasks_per_batch)})
@@ -498,20 +480,6 @@ def _start_local_ray(ray, **init_options: Any) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-class _ReductionInterrupted(Exception):
-    """A reduction round that must start again (an actor lost its gradients while it ran)."""
-
-
-@dataclass
-class _Attempt:
-    index: int          # position of the key in the step
-    worker: int
-    started: float
-    backup: bool        # a straggler's copy on a non-owner (its state is not kept there)
-    backed_up: bool = False
-    chunk: list[int] | None = None  # a run_batch call: the positions of its keys (index is the first)
-
-
 class WorkerPool(_PoolBase):
     """Named Ray actors ``metaray-<run_name>-inner-<i>`` holding the inner learners, in one placement group."""
 
@@ -543,6 +511,7 @@ class WorkerPool(_PoolBase):
         spec_bytes = cloudpickle.dumps(spec)
         self._spec_ref = spec_bytes if len(spec_bytes) < INLINE_SPEC_BYTES else ray.put(spec_bytes)
         self._actors: list[Any] = [None] * config.num_workers
+        self._queues: list[dict] = [{} for _ in range(config.num_workers)]  # each actor's calls (dispatch.py)
         self._incarnation: list[str | None] = [None] * config.num_workers
         self._replacements = [0] * config.num_workers
         self.pids: list[int] = [0] * config.num_workers
@@ -693,126 +662,10 @@ class WorkerPool(_PoolBase):
         return self._ray.put(payload)
 
     def _run(self, x, keys, mode, snapshot, keep):
-        ray, c = self._ray, self.config
-        x_box = self._x_box = (self._x_ref(x),)
-        results: list[dict | None] = [None] * len(keys)
-        pending: dict[Any, _Attempt] = {}
-        restarts = retries = 0
-        tries: dict[tuple, int] = {}
+        self._x_box = (self._x_ref(x),)  # kept for the reduction, which may compute a lost actor's tasks again
+        return StepDispatch(self, self._x_box, keys, mode, snapshot, keep).run()
 
-        def submit(i: int, w: int, restore: tuple | None = None, backup: bool = False) -> None:
-            key = keys[i]
-            expect = self.stateful and mode == "train" and task_id(key) in self._has_state
-            ref = self._actors[w].run_ref.remote(x_box, key, mode, restore, expect, not backup, snapshot, keep)
-            pending[ref] = _Attempt(i, w, time.monotonic(), backup)
-
-        size = self._batch_size(mode, len(keys))
-        for w in range(self.num_workers) if size > 1 else ():
-            mine = [i for i, key in enumerate(keys) if owner(key, self.num_workers) == w]
-            for chunk in _chunks(mine, size):
-                if len(chunk) == 1:
-                    submit(chunk[0], w)
-                else:  # tasks_per_batch: one call for the chunk, per-task results back (only stateless train steps)
-                    ref = self._actors[w].run_batch_ref.remote(x_box, [keys[i] for i in chunk], mode, snapshot,
-                                                               c.tasks_per_batch, keep)
-                    pending[ref] = _Attempt(chunk[0], w, time.monotonic(), False, chunk=chunk)
-        # dynamic: two tasks in flight per actor (one computing, one queued behind it, hiding the round trip), the
-        # next one to whichever actor answers; static: every task to its owner at once
-        dynamic = size == 1 and c.scheduling == "dynamic" and not self.stateful and c.step_timeout_s is None
-        queue = collections.deque(range(len(keys)) if dynamic else ())
-        for _ in range(2) if dynamic else ():
-            for w in range(self.num_workers):
-                if queue:
-                    submit(queue.popleft(), w)
-        for i, key in enumerate(keys) if (size == 1 and not dynamic) else ():
-            submit(i, owner(key, self.num_workers))
-        while any(r is None for r in results):
-            timeout = None
-            if c.step_timeout_s is not None:
-                now = time.monotonic()
-                waits = [a.started + c.step_timeout_s - now for a in pending.values() if not (a.backed_up or a.backup)]
-                timeout = max(0.0, min(waits)) if waits else None
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-            answers: list[tuple[_Attempt, Any]] = []
-            for ref in ready:
-                a = pending.pop(ref)
-                if a.chunk is None:
-                    answers.append((a, ref))
-                    continue
-                try:
-                    rs = ray.get(ref)
-                except self._lost:
-                    self._events.append(f"worker {a.worker} died while computing tasks {[keys[i] for i in a.chunk]}: re-dispatched")
-                    restarts += self._recover(a.worker)
-                    retries += len(a.chunk)
-                    for i in a.chunk:  # one at a time now: the recovery path is the per-task one
-                        submit(i, a.worker)
-                    continue
-                answers.extend((_Attempt(i, a.worker, a.started, False), r) for i, r in zip(a.chunk, rs))
-            for a, got in answers:
-                key = keys[a.index]
-                if isinstance(got, dict):
-                    r = got
-                else:
-                    try:
-                        r = ray.get(got)
-                    except self._lost:
-                        if results[a.index] is not None:
-                            continue
-                        self._events.append(f"worker {a.worker} died while computing task {key}: re-dispatched")
-                        restarts += self._recover(a.worker)
-                        retries += 1
-                        submit(a.index, a.worker, self._restore(key) if (self.stateful and mode == "train") else None, a.backup)
-                        continue
-                restarts += self._note_incarnation(a.worker, r["incarnation"])
-                if results[a.index] is not None:
-                    continue  # a straggler's other copy already answered
-                if r["error"] == "state_lost":
-                    self._events.append(f"worker {a.worker} lost the state of task {task_id(key)}: restored from snapshot")
-                    retries += 1
-                    submit(a.index, a.worker, self._restore(key), a.backup)
-                elif r["error"] == "nonfinite":
-                    self._nonfinite(r, tries)
-                    retries += 1
-                    submit(a.index, a.worker, self._restore(key) if (a.backup and self.stateful and mode == "train") else None,
-                           a.backup)
-                else:
-                    results[a.index] = r
-                    if queue:
-                        submit(queue.popleft(), a.worker)
-            if c.step_timeout_s is not None:
-                now = time.monotonic()
-                for a in list(pending.values()):
-                    if a.backed_up or a.backup or results[a.index] is not None or now - a.started < c.step_timeout_s:
-                        continue
-                    a.backed_up = True
-                    tid = task_id(keys[a.index])
-                    if self.stateful and mode == "train" and tid in self._has_state and tid not in self._current:
-                        # a copy elsewhere would start from an older state and silently give other numbers
-                        self._events.append(
-                            f"task {keys[a.index]} on worker {a.worker} exceeded step_timeout_s={c.step_timeout_s:g} "
-                            f"but was not re-dispatched: the pool's copy of its state is older than its last step "
-                            f"(state_snapshot_every={c.state_snapshot_every}), so a copy would start from a stale "
-                            f"state; waiting for worker {a.worker} (state_snapshot_every=1 keeps every task "
-                            "re-dispatchable)"
-                        )
-                        continue
-                    load = [0] * self.num_workers
-                    for b in pending.values():
-                        load[b.worker] += 1
-                    others = [w for w in range(self.num_workers) if w != a.worker] or [a.worker]
-                    target = min(others, key=lambda w: (load[w], w))
-                    self._events.append(
-                        f"task {keys[a.index]} on worker {a.worker} exceeded step_timeout_s={c.step_timeout_s:g}: "
-                        f"re-dispatched to worker {target}"
-                    )
-                    retries += 1
-                    restore = self._restore(keys[a.index]) if self.stateful and mode == "train" else None
-                    submit(a.index, target, restore, backup=True)
-        # Drop copies still running (stragglers): their results are not needed; they finish on their own.
-        return results, restarts, retries  # type: ignore[return-value]
-
-    # ---- the reduction (reduce.py) ----------------------------------------------------------------------
+    # ---- the reduction (collective.py) -------------------------------------------------------------------
 
     def _reduces_on_actors(self) -> bool:
         # stateless solvers only, and no straggler re-dispatch (a reduction call would queue behind the straggler)
@@ -820,96 +673,7 @@ class WorkerPool(_PoolBase):
         return c.reduction == "actors" and not self.stateful and c.step_timeout_s is None
 
     def _reduce_on_actors(self, x, keys, results, weights):
-        """The aggregated gradient, computed among the actors from the gradients they kept; the driver receives
-        one gradient (O(d), whatever the number of tasks and actors).
-
-        mean, weighted (reduce.py): each actor sums its own tasks in int64 fixed point on a grid the driver
-        fixes from every task's max |c_i g_i| (``reduce_kept``); the partial sums meet in a pairwise tree of
-        ``combine_partials`` calls, each actor fetching its partner's partial from the object store directly,
-        and the root decodes the total. int64 sums are exact in any order: the tree's shape changes no bit.
-
-        median, trimmed_mean: sharded by coordinate. Each actor cuts its tasks' flattened gradients into R
-        column blocks (R = actors holding tasks; ``slice_kept``), and actor r combines block r of every task
-        (``robust_slice``, an all-to-all through the object store): per-actor memory O(B·d/R). Coordinates are
-        independent under these rules, so the blocks give the driver-side result's bits.
-
-        A failure anywhere restarts the reduction: an actor that died since computing its tasks computes them
-        again (same key, same x: the same gradients); the others still hold theirs."""
-        ray, rule = self._ray, self.config.aggregation
-        mine: dict[int, list[int]] = {}
-        for i, r in enumerate(results):
-            mine.setdefault(r["worker"], []).append(i)
-        dtype = getattr(torch, self.spec.dtype)
-        if rule in LINEAR_AGGREGATIONS:
-            coefs = coefficients(rule, len(keys), weights)
-            exps = exponents([r["grad_maxabs"] for r in results], coefs)
-
-            def submit(w: int) -> list:
-                return self._actors[w].reduce_kept.options(num_returns=2).remote([(keys[i], coefs[i]) for i in mine[w]], exps)
-
-            def finish(parts: dict[int, list]) -> Params:
-                level = [(w, p[0]) for w, p in sorted(parts.items())]
-                while len(level) > 1:  # pairwise tree: (0,1) (2,3) ...; the left actor of a pair sums both
-                    level = [(a[0], self._actors[a[0]].combine_partials.remote(None, a[1], b[1])) if b else a
-                             for a, b in zip(level[::2], [*level[1::2], None])]
-                w0, root = level[0]
-                return ray.get(self._actors[w0].combine_partials.remote(exps, root))
-        else:
-            ranks = sorted(mine)
-
-            def submit(w: int) -> list:
-                return self._actors[w].slice_kept.options(num_returns=1 + len(ranks)).remote([keys[i] for i in mine[w]], len(ranks))
-
-            def finish(parts: dict[int, list]) -> Params:
-                refs = [self._actors[w].robust_slice.remote(rule, self.config.trim_fraction, *[parts[v][r] for v in ranks])
-                        for r, w in enumerate(ranks)]
-                return unflatten(torch.cat(ray.get(refs)), {k: (v.shape, dtype) for k, v in x.items()})
-
-        return self._on_kept(mine, keys, submit, finish)
-
-    def _on_kept(self, mine: dict[int, list[int]], keys: list[tuple], submit, finish) -> tuple[Params, int, int]:
-        """Runs one reduction over the gradients the actors kept: ``submit(w)`` starts worker w's part (refs:
-        [status, payload...]), ``finish(payloads by worker)`` combines them. Workers that lost their gradients
-        compute them again; a worker dying mid-way restarts the round. Returns (gradient, restarts, retries)."""
-        ray = self._ray
-        restarts = retries = 0
-        for _ in range(1 + 2 * self.num_workers * max(1, self.config.max_restarts)):
-            try:
-                calls = {w: submit(w) for w in mine}
-                parts: dict[int, list] = {}
-                for w, (status_ref, *payload) in calls.items():
-                    status = ray.get(status_ref)
-                    restarts += self._note_incarnation(w, status["incarnation"])
-                    if status["missing"]:  # restarted since: it computes its tasks again, then takes part
-                        retries += len(mine[w])
-                        self._events.append(f"worker {w} lost its tasks' gradients before the reduction: computed again")
-                        restarts += self._recompute_kept(w, [keys[i] for i in mine[w]])
-                        status_ref, *payload = submit(w)
-                        if ray.get(status_ref)["missing"]:
-                            raise _ReductionInterrupted(f"worker {w} lost its gradients again")
-                    parts[w] = payload
-                return finish(parts), restarts, retries
-            except (*self._lost, _ReductionInterrupted) as e:
-                self._events.append(f"worker died during the reduction ({type(e).__name__}): reduction restarted")
-                for w in mine:
-                    restarts += self._recover(w)
-        raise PoolError("the reduction among the actors kept failing; the step's events: " + "; ".join(self._events[-3:]))
-
-    def _recompute_kept(self, w: int, keys: list[tuple]) -> int:
-        """Worker w computes ``keys`` again at this step's x and keeps the gradients; returns restarts counted."""
-        ray, restarts = self._ray, 0
-        while True:
-            try:
-                rs = ray.get([self._actors[w].run_ref.remote(self._x_box, k, "train", None, False, True, False, True)
-                              for k in keys])
-                break
-            except self._lost:
-                restarts += self._recover(w)
-        bad = [r for r in rs if r["error"]]
-        if bad:  # it was finite a moment ago: a non-deterministic problem or solver
-            raise PoolError(f"task {bad[0]['key']} computed again on worker {w} for the reduction failed: "
-                            f"{bad[0].get('message', bad[0]['error'])}")
-        return restarts + self._note_incarnation(w, rs[0]["incarnation"])
+        return reduce_on_actors(self, x, keys, results, weights)
 
     # ---- states ------------------------------------------------------------------------------------------
 

@@ -153,6 +153,7 @@ class InnerLearner:
         self._x_id: Any = None
         self._x: Params | None = None
         self._kept: dict[Any, Params] = {}  # this step's task gradients, kept here for the reduction (reduce_kept)
+        self.cancelled = 0  # calls that stopped early because the driver cancelled them (a straggler's losing copy)
         self._bar = None
         if progress:
             from ray.experimental import tqdm_ray
@@ -170,6 +171,7 @@ class InnerLearner:
             "threads": torch.get_num_threads(),
             "stateful": self.stateful,
             "memory_method": memory.PeakMemory(self.device).method,
+            "cancelled": self.cancelled,
         }
 
     def pid(self) -> int:
@@ -290,6 +292,9 @@ class InnerLearner:
             elif expect_state and mode == "train":
                 return {"key": key, "error": "state_lost", "worker": self.worker, "incarnation": self.incarnation}
         task = move(self.source.sample(key), self.device, self.dtype)
+        if self._cancelled():  # a straggler's losing copy (dispatch.py): its answer is no longer wanted
+            self.cancelled += 1
+            return {"key": key, "error": "cancelled", "worker": self.worker, "incarnation": self.incarnation}
         try:
             peak = None
             if mode == "train":
@@ -391,6 +396,10 @@ class InnerLearner:
         self.batch_choice.update(batched=batched < loop, loop_s_per_task=loop, batched_s_per_task=batched, tasks=len(keys))
         return results
 
+    def _cancelled(self) -> bool:
+        """Whether the driver has cancelled the call running now (only Ray actors can be cancelled)."""
+        return False
+
     def memory_plan(self, x: Mapping[str, Any], key: Any) -> Any:
         """The solver's memory plan (checkpoint spacing, predicted peak) for the task ``key`` at x, from a probe
         of one inner step; raises ``MemoryBudgetError`` when its ``memory_budget_mb`` cannot be met. None for
@@ -435,6 +444,12 @@ class RayInnerLearner(InnerLearner):
         import ray
 
         return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def _cancelled(self) -> bool:
+        import ray
+
+        # Ray cannot interrupt a running call of a regular actor; it sets this flag for the call to read
+        return ray.get_runtime_context().is_canceled()
 
     def run_ref(self, x_box: tuple, key: Any, mode: str, restore: tuple | None, expect_state: bool, commit: bool,
                 snapshot: bool, keep: bool = False) -> dict[str, Any]:

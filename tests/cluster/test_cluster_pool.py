@@ -222,16 +222,31 @@ def test_reduction_on_actors_is_bit_identical_for_any_number_of_actors(metrics_p
         assert all(r.metrics["pool_grad_bytes_to_driver"] == expect for r in results), name
 
 
+def test_stateful_fsla_is_bit_identical_for_one_to_four_actors(metrics_port, one_thread):
+    """fsla keeps per-task state on each task's owner; 7 tasks a step (uneven splits), 4 steps: the outer params
+    are the in-process pool's bits for 1, 2, 3 and 4 actors."""
+    with InProcessPool(fsla_spec()) as p:
+        ref = train(p, fsla_x0(), 4, tasks=7, lr=0.1)[0]
+    assert rel(ref, fsla_x0()) > 1e-4
+    for n in (1, 2, 3, 4):
+        with WorkerPool(fsla_spec(), ClusterConfig(num_workers=n, num_cpus_per_worker=0.5, metrics=False),
+                        f"fsla-bits-{n}") as pool:
+            x, results = train(pool, fsla_x0(), 4, tasks=7, lr=0.1)
+        assert [t["worker"] for t in results[-1].per_task] == [i % n for i in range(7)]
+        for k in ref:
+            assert torch.equal(x[k], ref[k]), (n, k, float((x[k] - ref[k]).abs().max()))
+
+
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
 def test_robust_rules_sharded_by_coordinate_on_the_actors(metrics_port, one_thread, rule):
-    """median and trimmed_mean computed by the actors on column blocks of all tasks' gradients (2 and 3 actors)
+    """median and trimmed_mean computed by the actors on column blocks of all tasks' gradients (2, 3, 4 actors)
     give the bits of the in-process pool, and the driver receives one gradient."""
     x0 = {k: v.float() for k, v in sine_x0().items()}
     cfg = functools.partial(ClusterConfig, num_cpus_per_worker=0.5, metrics=False, aggregation=rule, trim_fraction=0.2)
     with InProcessPool(fomaml32_spec(), cfg(num_workers=1)) as p:
         ref, ref_results = train(p, x0, 2, tasks=7)
     assert ref_results[-1].metrics["pool_grad_bytes_to_driver"] == 7 * 4 * sum(v.numel() for v in x0.values())
-    for n in (2, 3):
+    for n in (2, 3, 4):
         with WorkerPool(fomaml32_spec(), cfg(num_workers=n), f"robust-{rule}-{n}") as pool:
             x, results = train(pool, x0, 2, tasks=7)
         for k in ref:
@@ -247,15 +262,39 @@ def test_straggler_past_the_deadline_is_re_dispatched(metrics_port, references, 
     pid_file = tmp_path / "slow_pid"
     spec = sine_spec(StragglerSource(SinusoidSource(dtype=torch.float64), ("train", 1, 3), str(pid_file)))
     with WorkerPool(spec, ClusterConfig(num_workers=2, step_timeout_s=2.0, metrics=False), "straggler") as pool:
-        pid_file.write_text(str(pool.worker_pids()[1]))  # task 3 of step 1 belongs to worker 1: make it hang
+        pid_file.write_text(str(pool.worker_pids()[1]))  # dynamic scheduling: task 3 goes to worker 1
         t0 = time.perf_counter()
         x, results = train(pool, sine_x0(), 3)
         assert time.perf_counter() - t0 < 15  # did not wait for the 20 s straggler
     assert rel(x, references["maml"]) < 1e-6
-    # task 3 hangs on worker 1 and task 5 is queued behind it there: both are re-dispatched to worker 0
-    assert results[1].retries == 2
-    assert [t["worker"] for t in results[1].per_task] == [0, 1, 0, 0, 0, 0]
-    assert any("step_timeout_s" in e for e in results[1].events)
+    # task 3 hangs on worker 1 and gets a copy on worker 0, which wins (a task queued behind it moves too)
+    assert results[1].retries >= 1 and results[1].per_task[3]["worker"] == 0
+    assert any("exceeded step_timeout_s" in e for e in results[1].events), results[1].events
+    # the next step: worker 1 is still busy with the straggler's losing copy, so worker 0 takes every task,
+    # and no task there is counted overdue for waiting behind it
+    assert results[2].retries == 0 and {t["worker"] for t in results[2].per_task} == {0}, results[2].events
+
+
+def test_a_straggler_costs_the_later_steps_no_deadline(metrics_port, references, tmp_path):
+    """Measured before the fix: a 4 s straggler with step_timeout_s=1 made the next two steps pay the 1 s
+    timeout as well (their tasks queued behind the still-running losing copy counted as overdue from their
+    submission). Deadlines now count from a task's start, and an actor busy past its deadline gets nothing new."""
+    pid_file = tmp_path / "slow_pid"
+    spec = sine_spec(StragglerSource(SinusoidSource(dtype=torch.float64), ("train", 1, 1), str(pid_file), delay=5.0))
+    for scheduling in ("dynamic", "static"):
+        cfg = ClusterConfig(num_workers=2, step_timeout_s=1.5, metrics=False, scheduling=scheduling)
+        with WorkerPool(spec, cfg, f"late-straggler-{scheduling}") as pool:
+            pid_file.write_text(str(pool.worker_pids()[1]))  # task 1 goes to worker 1 under both schedulings
+            x, results = train(pool, sine_x0(), 3)
+        assert rel(x, references["maml"]) < 1e-6
+        assert results[1].retries >= 1 and results[1].per_task[1]["worker"] == 0
+        assert not any(f"on worker {w} exceeded" in e for w in (0, 1) for e in results[2].events), results[2].events
+        if scheduling == "dynamic":  # worker 0 takes the tasks: nothing to move
+            assert results[2].retries == 0 and {t["worker"] for t in results[2].per_task} == {0}, results[2].events
+        else:  # worker 1's own tasks move at once, without waiting for a deadline
+            assert results[2].events and all("queued behind a task of an earlier step" in e and "moved to worker 0" in e
+                                             for e in results[2].events), results[2].events
+            assert {t["worker"] for t in results[2].per_task} == {0}
 
 
 def test_stateful_straggler_is_not_restarted_from_a_stale_snapshot(metrics_port, references, tmp_path):
@@ -271,6 +310,23 @@ def test_stateful_straggler_is_not_restarted_from_a_stale_snapshot(metrics_port,
     assert rel(x, references["fsla"]) < 1e-6
     assert any("not re-dispatched" in e and "stale" in e for e in results[2].events), results[2].events
     assert [t["worker"] for t in results[2].per_task] == [i % 2 for i in range(6)]
+
+
+def test_stateful_straggler_with_current_snapshots_is_copied_and_stays_exact(metrics_port, references, tmp_path):
+    """fsla, state_snapshot_every=1: the straggler and the task queued behind it on their owner get backup
+    copies on the other actor, started from the driver's snapshots; the owner's own copies still run (they keep
+    the tasks' new states there), so the next step's tasks on that owner are copied from the snapshots too, and
+    the run matches the reference."""
+    pid_file = tmp_path / "slow_pid"
+    spec = fsla_spec(StragglerSource(QuadraticSource(), ("train", 2, 3), str(pid_file), delay=4.0))
+    cfg = ClusterConfig(num_workers=2, step_timeout_s=1.0, state_snapshot_every=1, metrics=False)
+    with WorkerPool(spec, cfg, "current-straggler") as pool:
+        pid_file.write_text(str(pool.worker_pids()[1]))  # task 3 belongs to worker 1
+        x, results = train(pool, fsla_x0(), 4, lr=0.1)
+    assert rel(x, references["fsla"]) < 1e-6
+    assert results[2].per_task[3]["worker"] == 0 and results[2].per_task[5]["worker"] == 0, results[2].events
+    assert any("exceeded step_timeout_s" in e for e in results[2].events), results[2].events
+    assert [t["worker"] for t in results[3].per_task] == [0] * 6, results[3].events
 
 
 def test_non_finite_hypergradient_fails_the_step_cleanly(metrics_port):
