@@ -3,14 +3,19 @@
 The arithmetic is in reduce.py; this module runs it on the actors of a ``WorkerPool`` and recovers from
 failures. The driver receives one gradient (O(d)), whatever the number of tasks B and actors W.
 
-- mean, weighted: each actor sums its own tasks in int64 fixed point on a grid the driver fixes from every
-  task's max |c_i g_i| (``InnerLearner.reduce_kept``); the partial sums meet in a pairwise tree of
-  ``combine_partials`` calls, each actor fetching its partner's partial from the object store directly, and the
-  root decodes the total. int64 sums are exact in any order: the tree's shape changes no bit.
-- median, trimmed_mean: sharded by coordinate. Each actor cuts its tasks' flattened gradients into R column
-  blocks (R = actors holding tasks; ``slice_kept``), and actor r combines block r of every task
-  (``robust_slice``: an all-to-all through the object store), so per-actor memory is O(B·d/R). Coordinates are
-  independent under these rules, so the blocks give the bits of the driver-side result.
+Every rule is sharded by coordinate, a reduce-scatter through the object store. The R actors holding tasks
+cut the flattened gradient's d coordinates into R contiguous blocks (``reduce.blocks``); each actor sends block
+r of its share to actor r (``slice_kept``: actor r fetches it directly, never through the driver), actor r
+combines block r of everyone's share, and the driver concatenates the R combined blocks (4d bytes in all). Each
+actor sends and receives about one share (d·(R-1)/R coordinates) whatever R, in parallel, so the time is flat in
+R where a pairwise tree would pay log2 R rounds of a whole partial sum each.
+
+- mean, weighted: an actor's share is its exact partial sum Σ_i round(c_i g_i 2^e) in int64 (reduce.py), on a
+  grid the driver fixes from every task's max |c_i g_i|; actor r adds the int64 blocks and decodes them
+  (``sum_slice``). int64 sums are exact in any order: the split of tasks and coordinates changes no bit.
+- median, trimmed_mean: an actor's share is its tasks' gradients stacked to [tasks, d]; actor r sorts block r
+  of every task's gradient (``robust_slice``), so per-actor memory is O(B·d/R). Coordinates are independent
+  under these rules, so the blocks give the bits of the driver-side result.
 
 Why Ray's object store and not a torch.distributed or ray.util.collective group (docs/scaling.md): a group is
 fixed at creation, so a restarted or replaced actor means rebuilding it on every rank, while here a round is
@@ -29,7 +34,7 @@ import torch
 from ..solvers.core import Params
 from .config import LINEAR_AGGREGATIONS
 from .errors import PoolError
-from .reduce import coefficients, exponents, unflatten
+from .reduce import blocks, coefficients, exponents, unflatten
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -44,34 +49,29 @@ def reduce_on_actors(pool: WorkerPool, x: Params, keys: list[tuple], results: li
     """The step's aggregated gradient by ``pool.config.aggregation``, computed by the actors that hold the tasks'
     gradients (``results[i]["worker"]`` kept task i). Returns (gradient, restarts, retries)."""
     ray, rule, actors = pool._ray, pool.config.aggregation, pool._actors
+    dtype = getattr(torch, pool.spec.dtype)
     mine: dict[int, list[int]] = {}
     for i, r in enumerate(results):
         mine.setdefault(r["worker"], []).append(i)
-    if rule in LINEAR_AGGREGATIONS:
+    ranks = sorted(mine)  # the actors holding tasks; rank r combines coordinate block r
+    linear = rule in LINEAR_AGGREGATIONS
+    if linear:
         coefs = coefficients(rule, len(keys), weights)
         exps = exponents([r["grad_maxabs"] for r in results], coefs)
+    d = sum(v.numel() for v in x.values())
+    starts = [a for a, _ in blocks(d, len(ranks))]
 
-        def submit(w: int) -> list:
-            return actors[w].reduce_kept.options(num_returns=2).remote([(keys[i], coefs[i]) for i in mine[w]], exps)
+    def submit(w: int) -> list:
+        args = ([keys[i] for i in mine[w]], len(ranks)) + (([coefs[i] for i in mine[w]], exps) if linear else ())
+        return actors[w].slice_kept.options(num_returns=1 + len(ranks)).remote(*args)
 
-        def finish(parts: dict[int, list]) -> Params:
-            level = [(w, p[0]) for w, p in sorted(parts.items())]
-            while len(level) > 1:  # pairwise tree: (0,1) (2,3) ...; the left actor of a pair sums both
-                level = [(a[0], actors[a[0]].combine_partials.remote(None, a[1], b[1])) if b else a
-                         for a, b in zip(level[::2], [*level[1::2], None])]
-            w0, root = level[0]
-            return ray.get(actors[w0].combine_partials.remote(exps, root))
-    else:
-        ranks = sorted(mine)
-        dtype = getattr(torch, pool.spec.dtype)
-
-        def submit(w: int) -> list:
-            return actors[w].slice_kept.options(num_returns=1 + len(ranks)).remote([keys[i] for i in mine[w]], len(ranks))
-
-        def finish(parts: dict[int, list]) -> Params:
+    def finish(parts: dict[int, list]) -> Params:
+        if linear:
+            refs = [actors[w].sum_slice.remote(exps, starts[r], *[parts[v][r] for v in ranks]) for r, w in enumerate(ranks)]
+        else:
             refs = [actors[w].robust_slice.remote(rule, pool.config.trim_fraction, *[parts[v][r] for v in ranks])
                     for r, w in enumerate(ranks)]
-            return unflatten(torch.cat(ray.get(refs)), {k: (v.shape, dtype) for k, v in x.items()})
+        return unflatten(torch.cat(ray.get(refs)), {k: (v.shape, dtype) for k, v in x.items()})
 
     return _round(pool, mine, keys, submit, finish)
 

@@ -187,6 +187,7 @@ class _PoolBase(abc.ABC):
             raise
 
         grad_bytes = 0  # gradient bytes the driver received this step
+        t_reduce, reduce_seconds = time.perf_counter(), 0.0
         if mode == "train":
             if keep:  # the gradients stayed on the actors: combine their exact partial sums
                 agg, more_restarts, more_retries = self._reduce_on_actors(x, keys, results, w)
@@ -199,6 +200,7 @@ class _PoolBase(abc.ABC):
                 received = [r["grad"] for r in results]
             grad_bytes = sum(v.numel() * v.element_size() for g in received for v in g.values())
             grad = {k: agg[k].to(device=x[k].device, dtype=x[k].dtype) for k in x}
+            reduce_seconds = time.perf_counter() - t_reduce
             if self.stateful:
                 for r in results:
                     self._has_state.add(task_id(r["key"]))
@@ -211,12 +213,12 @@ class _PoolBase(abc.ABC):
         else:
             grad = {k: torch.zeros_like(v) for k, v in x.items()}
         seconds = time.perf_counter() - t0
-        result = self._result(x, grad, results, restarts, retries, seconds, mode, grad_bytes)
+        result = self._result(x, grad, results, restarts, retries, seconds, mode, grad_bytes, reduce_seconds)
         if self.config.metrics:
             self._record(result, mode == "train")
         return result
 
-    def _result(self, x, grad, results, restarts, retries, seconds, mode, grad_bytes) -> StepResult:
+    def _result(self, x, grad, results, restarts, retries, seconds, mode, grad_bytes, reduce_seconds) -> StepResult:
         per_task = [
             {"key": r["key"], "worker": r["worker"], "outer_loss": r["outer_loss"], "inner_loss": r["inner_loss"], **r["metrics"]}
             for r in results
@@ -242,6 +244,8 @@ class _PoolBase(abc.ABC):
             pool_workers=float(self.num_workers),
             # gradient bytes that reached the driver this step: B·4d gathered, 4d (float32) reduced on the actors
             pool_grad_bytes_to_driver=float(grad_bytes),
+            # from the last task's answer to the aggregated gradient in the driver (the reduction's share of the step)
+            pool_reduce_seconds=reduce_seconds,
         )
         return StepResult(
             grad=grad,

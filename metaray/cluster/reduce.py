@@ -83,6 +83,20 @@ def decode(total: Mapping[str, Tensor], exps: Mapping[str, int], dtypes: Mapping
     return {k: q.to(torch.float64).mul_(math.ldexp(1.0, -int(exps[k]))).to(dtypes[k]) for k, q in total.items()}
 
 
+def decode_flat(total: Tensor, start: int, sizes: Mapping[str, int], exps: Mapping[str, int],
+                dtype: torch.dtype) -> Tensor:
+    """``decode`` for coordinates start..start+len(total) of the flattened gradient (tensors of ``sizes``, in
+    order): each coordinate scaled by its own tensor's 2^-e, the same single rounding as ``decode``."""
+    out = total.to(torch.float64)
+    offset = 0
+    for k, n in sizes.items():
+        a, b = max(offset, start), min(offset + n, start + out.numel())
+        if a < b:
+            out[a - start : b - start].mul_(math.ldexp(1.0, -int(exps[k])))
+        offset += n
+    return out.to(dtype)
+
+
 def exact_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float]) -> Params:
     """Σ_i coefs[i] · grads[i], exactly as the actors' distributed reduction computes it (one process)."""
     exps = exponents([max_abs(g) for g in grads], coefs)

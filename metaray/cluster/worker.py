@@ -152,7 +152,7 @@ class InnerLearner:
         self.incarnation = uuid.uuid4().hex  # changes when the process is restarted: lost state is detectable
         self._x_id: Any = None
         self._x: Params | None = None
-        self._kept: dict[Any, Params] = {}  # this step's task gradients, kept here for the reduction (reduce_kept)
+        self._kept: dict[Any, Params] = {}  # this step's task gradients, kept here for the reduction (slice_kept)
         self.cancelled = 0  # calls that stopped early because the driver cancelled them (a straggler's losing copy)
         self._bar = None
         if progress:
@@ -210,7 +210,7 @@ class InnerLearner:
 
     def _grad_fields(self, x: Params, key: Any, grad: Params, keep: bool) -> dict[str, Any]:
         """The result's gradient: the tensors themselves (to the CPU), or, with ``keep``, only their per-tensor
-        max |g| while the gradient stays here on the device until ``reduce_kept``."""
+        max |g| while the gradient stays here on the device until ``slice_kept``."""
         if not keep:
             return {"grad": _to_cpu(grad)}
         check_same_keys(x, grad, "outer params x", f"hypergradient of task {key}")
@@ -222,40 +222,43 @@ class InnerLearner:
         restarted since computing them) and this process's incarnation."""
         return {"missing": [key for key in keys if key not in self._kept], "incarnation": self.incarnation}
 
-    def reduce_kept(self, entries: list[tuple[Any, float]], exps: Mapping[str, int]) -> tuple[dict[str, Any], Any]:
-        """(status, partial): partial = Σ round(c_i g_i 2^e) in int64 over the kept gradients of ``entries`` =
-        [(key, c_i), ...], this worker's exact partial sum (reduce.py). Keys not kept here (the process was
-        restarted since) are listed in status["missing"], and no partial is made. The kept gradients stay until
-        the next step's x arrives, so a reduction that fails further up the tree can be run again."""
-        status = self._kept_status([key for key, _ in entries])
-        partial = None
-        if not status["missing"]:
-            for key, c in entries:
-                partial = reduce.add_into(partial, reduce.encode(self._kept[key], c, exps))
-        return status, (_to_cpu(partial) if partial is not None else None)
+    def slice_kept(self, keys: list, ranks: int, coefs: list[float] | None = None,
+                   exps: Mapping[str, int] | None = None) -> tuple:
+        """(status, block_0, ..., block_{ranks-1}): this worker's share of a reduction sharded by coordinate. The
+        kept gradients of ``keys`` are flattened in x's key order and cut into ``ranks`` contiguous blocks of
+        coordinates (``reduce.blocks``); block r goes to the worker that combines coordinates r.
 
-    def slice_kept(self, keys: list, ranks: int) -> tuple:
-        """(status, block_0, ..., block_{ranks-1}): the kept gradients of ``keys``, each flattened in x's key
-        order, stacked to [len(keys), d] and cut into ``ranks`` contiguous column blocks (for ``robust_slice``)."""
+        With ``coefs`` and ``exps`` (mean, weighted): the blocks of this worker's exact partial sum
+        Σ_i round(c_i g_i 2^e) in int64 (reduce.py), for ``sum_slice``. Without (median, trimmed_mean): the
+        blocks of the gradients stacked to [len(keys), d], for ``robust_slice``.
+
+        Keys not kept here (the process was restarted since) are listed in status["missing"], and no block is
+        made. The kept gradients stay until the next step's x arrives, so a failed reduction can run again."""
         status = self._kept_status(keys)
         if status["missing"]:
             return (status, *[None] * ranks)
-        flat = torch.stack([torch.cat([self._kept[key][k].reshape(-1) for k in self._x]) for key in keys])
-        return (status, *[_to_cpu(flat[:, a:b].contiguous()) for a, b in reduce.blocks(flat.shape[1], ranks)])
+        if coefs is None:
+            flat = torch.stack([torch.cat([self._kept[key][k].reshape(-1) for k in self._x]) for key in keys])
+        else:
+            partial = None
+            for key, c in zip(keys, coefs):
+                partial = reduce.add_into(partial, reduce.encode(self._kept[key], c, exps))
+            flat = torch.cat([partial[k].reshape(-1) for k in self._x])
+        cut = [flat[..., a:b].contiguous() for a, b in reduce.blocks(flat.shape[-1], ranks)]
+        return (status, *[_to_cpu(c) for c in cut])
+
+    def sum_slice(self, exps: Mapping[str, int], start: int, *blocks: Tensor) -> Tensor:
+        """Coordinates start.. of the linear rule's result: the int64 sum of every worker's block of them
+        (fetched here, worker to worker), decoded to this worker's dtype with each coordinate's tensor exponent."""
+        total = blocks[0].to(self.device, copy=True)
+        for b in blocks[1:]:
+            total.add_(b.to(self.device))
+        sizes = {k: v.numel() for k, v in self._x.items()}
+        return _to_cpu(reduce.decode_flat(total, start, sizes, exps, self.dtype))
 
     def robust_slice(self, rule: str, trim_fraction: float, *blocks: Tensor) -> Tensor:
         """One column block of the robust rule: ``blocks`` are every worker's rows of it (fetched here)."""
         return _to_cpu(reduce.robust(torch.cat([b.to(self.device) for b in blocks]), rule, trim_fraction))
-
-    def combine_partials(self, exps: Mapping[str, int] | None, *partials: Mapping[str, Tensor]) -> Params:
-        """Σ of other workers' int64 partial sums (Ray fetches them here, worker to worker, not through the
-        driver); with ``exps``, the decoded gradient g = Q 2^-e in this worker's dtype (the root of the tree)."""
-        total = None
-        for p in partials:
-            total = reduce.add_into(total, p)
-        if exps is None:
-            return total
-        return reduce.decode(total, exps, {k: self.dtype for k in total})
 
     # ---- one task ----------------------------------------------------------------------------------------
 
@@ -278,7 +281,7 @@ class InnerLearner:
                       restore is given, answer ``{"error": "state_lost"}`` rather than silently starting over
         commit:       keep the new state here (False for a straggler's backup run on a non-owner)
         snapshot:     return the new state (CPU) so the driver can keep a copy
-        keep:         keep the hypergradient here for ``reduce_kept`` and return its per-tensor max |g| instead
+        keep:         keep the hypergradient here for ``slice_kept`` and return its per-tensor max |g| instead
         Non-finite losses or hypergradients answer ``{"error": "nonfinite", ...}``; no state is kept.
         """
         t0 = time.perf_counter()

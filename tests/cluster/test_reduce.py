@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from metaray.cluster.aggregate import aggregate
-from metaray.cluster.reduce import add_into, coefficients, decode, encode, exact_sum, exponents, max_abs
+from metaray.cluster.reduce import (add_into, blocks, coefficients, decode, decode_flat, encode, exact_sum, exponents,
+                                   max_abs, unflatten)
 
 
 def grads(n: int, d: int = 2000, seed: int = 0, dtype=torch.float32, scale: float = 1.0) -> list[dict]:
@@ -58,6 +59,32 @@ def test_any_split_and_order_gives_the_same_bits(rule):
     # the float sum it replaces does depend on the order: the property is not vacuous on this data
     seq = lambda order: sum((gs[i]["w"] * coefs[i] for i in order[1:]), gs[order[0]]["w"] * coefs[order[0]])
     assert not torch.equal(seq(list(range(n))), seq(list(reversed(range(n)))))
+
+
+def test_sharded_by_coordinate_gives_the_same_bits():
+    """What the actors run (collective.py): each of W workers flattens its int64 partial sum and cuts it into R
+    coordinate blocks; block r of every partial is added and decoded on its own (``decode_flat``), and the
+    blocks are concatenated. Blocks cross the boundary between the two tensors (each has its own exponent)."""
+    n = 9
+    gs = grads(n)
+    coefs = coefficients("mean", n, None)
+    ref = aggregate(gs, "mean", None)
+    exps = exponents([max_abs(g) for g in gs], coefs)
+    sizes = {k: v.numel() for k, v in gs[0].items()}
+    for w in (1, 2, 3, 4):
+        flats = []
+        for idx in [list(range(n))[i::w] for i in range(w)]:
+            acc = None
+            for i in idx:
+                acc = add_into(acc, encode(gs[i], coefs[i], exps))
+            flats.append(torch.cat([acc[k].reshape(-1) for k in sizes]))
+        for r in (1, 2, 3, 5, 7):
+            parts = blocks(sum(sizes.values()), r)
+            assert any(a < sizes["w"] < b for a, b in parts) or r == 1
+            out = torch.cat([decode_flat(sum(f[a:b] for f in flats), a, sizes, exps, torch.float32) for a, b in parts])
+            out = unflatten(out, {k: (v.shape, v.dtype) for k, v in gs[0].items()})
+            for k in ref:
+                assert torch.equal(out[k], ref[k]), (w, r, k)
 
 
 @pytest.mark.parametrize("n", [2, 8, 64, 1000])
