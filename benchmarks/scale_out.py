@@ -1,7 +1,7 @@
 """Scale-out data path (issue #17): where the task hypergradients are summed, and what it costs per step.
 
-Workload (the issue's): first-order MAML on sinusoid tasks, MLP 1-H-H-1 (H = 1000: 1.0M outer params; H = 2000:
-4.0M), 5 inner steps, 8 tasks a step, float32, one torch thread per process. Configurations, timed side by side
+Workload (the issue's): first-order MAML on sinusoid tasks, MLP 1-H-H-1 (H = 1000, 3162, 5477: d = 1.0M, 10.0M,
+30.0M outer params), 5 inner steps, 8 tasks a step, float32, one torch thread per process. Configurations, timed side by side
 in interleaved rounds (this machine is shared: only ratios measured in one run mean anything):
 
 - one process (InProcessPool: no Ray), with one torch thread and with two (both cores through torch's own
@@ -47,8 +47,8 @@ def spec(hidden: int) -> tuple[WorkerSpec, dict]:
 def build(quick: bool, img_dir: Path) -> dict:
     import ray
 
-    sizes = [1000] if quick else [1000, 2000]
-    rounds = 2 if quick else 5
+    sizes = [1000] if quick else [1000, 3162, 5477]  # d = 1.0M, 10.0M, 30.0M
+    rounds_of = lambda hidden: 2 if quick else (5 if hidden <= 1000 else 3)  # noqa: E731
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows, data, notes = [], {}, []
     try:
@@ -66,7 +66,8 @@ def build(quick: bool, img_dir: Path) -> dict:
                 for red in ("driver", "actors"):
                     pools[f"2 actors, median, reduction={red}"] = WorkerPool(s, cfg(2, red, "median"), f"so-med-{red}")
             times = {name: [] for name in pools}
-            grads, bytes_in = {}, {}
+            grads, bytes_in, reduce_s = {}, {}, {name: [] for name in pools}
+            rounds = rounds_of(hidden)
             try:
                 for name, pool in pools.items():  # warm-up step each
                     pool.step(x, [("train", 0, i) for i in range(TASKS)])
@@ -77,6 +78,7 @@ def build(quick: bool, img_dir: Path) -> dict:
                         t0 = time.perf_counter()
                         res = pool.step(x, keys)
                         times[name].append(time.perf_counter() - t0)
+                        reduce_s[name].append(res.metrics["pool_reduce_seconds"])
                         torch.set_num_threads(1)
                         if r == 0:
                             grads[name] = res.grad
@@ -91,9 +93,9 @@ def build(quick: bool, img_dir: Path) -> dict:
                     for name, g in grads.items()}
             for name in pools:
                 med, base = statistics.median(times[name]), statistics.median(times[base_of(name)])
-                rows.append([f"{d / 1e6:.1f}M", name, med * 1e3, base / med, bytes_in[name] / 2**20,
-                             "n/a" if same[name] is None else "yes" if same[name] else "NO"])
-            data[str(d)] = {"seconds": times, "bytes_to_driver": bytes_in, "bit_identical": same}
+                rows.append([f"{d / 1e6:.1f}M", name, med * 1e3, base / med, statistics.median(reduce_s[name]) * 1e3,
+                             bytes_in[name] / 2**20, "n/a" if same[name] is None else "yes" if same[name] else "NO"])
+            data[str(d)] = {"seconds": times, "reduce_seconds": reduce_s, "bytes_to_driver": bytes_in, "bit_identical": same}
             if not all(v for v in same.values() if v is not None):
                 notes.append(f"d={d}: outer gradients differ between configurations: {same}")
     finally:
@@ -101,11 +103,12 @@ def build(quick: bool, img_dir: Path) -> dict:
     return {
         "title": "Scale-out: reduction on the actors vs through the driver",
         "intro": ("First-order MAML, sinusoid, MLP 1-H-H-1, 5 inner steps, 8 tasks a step, float32, one thread per "
-                  f"process, {rounds} interleaved rounds (median). 'speed vs one process' > 1 is faster. Gradient "
+                  f"process, {rounds_of(1000)} interleaved rounds at 1M params, {rounds_of(3162)} above (median). "
+                  "'reduction ms' is pool_reduce_seconds: from the last task's answer to the aggregated gradient. 'speed vs one process' > 1 is faster. Gradient "
                   "bytes are those the driver receives per step; bit-identical compares each configuration's outer "
                   "gradient with the one-process run's of the same rule."),
         "tables": [table("ms per outer step", ["params", "configuration", "ms/step", "speed vs one process",
-                                               "MiB of gradients to the driver", "bit-identical"], rows)],
+                                               "reduction ms", "MiB of gradients to the driver", "bit-identical"], rows)],
         "plots": [],
         "notes": notes,
         "data": data,

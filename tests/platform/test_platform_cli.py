@@ -3,6 +3,7 @@ driver), solvers, datasets, demo (on a local Ray cluster with 2 actors), and sub
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -134,14 +135,28 @@ def test_demo_on_a_local_ray_cluster(tmp_path):
 
 
 @pytest.mark.slow
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_submit_right_after_ray_start_waits_for_the_job_agent_and_says_where_results_are(tmp_path):
     """As a user would: `ray start --head`, then at once `metaray submit` (no waiting of our own: the dashboard
     and its job agent come up seconds later on a loaded machine, and submit must wait for them)."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     ray_exe = str(Path(PY).parent / "ray")
-    port, dash = 26379, 28265
+    # Free ports for everything the head listens on: a job agent whose default port (52365) is taken by another
+    # Ray on this machine never comes up, and submit then waits for it in vain (seen with two test runs at once).
+    port, dash, agent, agent_grpc, env_agent = _free_ports(5)
     head = subprocess.Popen([ray_exe, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=3",
-                             "--include-dashboard=true"], env=env, start_new_session=True,
+                             "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
+                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         work = tmp_path / "job"
