@@ -242,7 +242,7 @@ class InnerLearner:
         else:
             partial = None
             for key, c in zip(keys, coefs):
-                partial = reduce.add_into(partial, reduce.encode(self._kept[key], c, exps))
+                partial = reduce.encode_into(partial, self._kept[key], c, exps)
             flat = torch.cat([partial[k].reshape(-1) for k in self._x])
         cut = [flat[..., a:b].contiguous() for a, b in reduce.blocks(flat.shape[-1], ranks)]
         return (status, *[_to_cpu(c) for c in cut])

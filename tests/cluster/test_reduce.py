@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from metaray.cluster.aggregate import aggregate
-from metaray.cluster.reduce import (add_into, blocks, coefficients, decode, decode_flat, encode, exact_sum, exponents,
-                                   max_abs, unflatten)
+from metaray.cluster import reduce
+from metaray.cluster.reduce import (add_into, blocks, coefficients, decode, decode_flat, encode, encode_into, exact_sum,
+                                   exponents, max_abs, unflatten)
 
 
 def grads(n: int, d: int = 2000, seed: int = 0, dtype=torch.float32, scale: float = 1.0) -> list[dict]:
@@ -59,6 +60,28 @@ def test_any_split_and_order_gives_the_same_bits(rule):
     # the float sum it replaces does depend on the order: the property is not vacuous on this data
     seq = lambda order: sum((gs[i]["w"] * coefs[i] for i in order[1:]), gs[order[0]]["w"] * coefs[order[0]])
     assert not torch.equal(seq(list(range(n))), seq(list(reversed(range(n)))))
+
+
+def test_chunked_encode_gives_the_bits_of_the_plain_one(monkeypatch):
+    """encode_into (chunks through a small scratch buffer) = add_into(acc, encode(...)) to the bit, for chunk
+    sizes that do and do not divide the tensor, a non-contiguous tensor and float64."""
+    gs = grads(3, d=1000)
+    gs[1]["w"] = torch.randn(2000, dtype=torch.float32)[::2]  # non-contiguous
+    coefs = coefficients("mean", 3, None)
+    exps = exponents([max_abs(g) for g in gs], coefs)
+    plain = None
+    for g, c in zip(gs, coefs):
+        plain = add_into(plain, encode(g, c, exps))
+    for chunk in (7, 256, 1000, 1 << 17):
+        monkeypatch.setattr(reduce, "_CHUNK", chunk)
+        acc = None
+        for g, c in zip(gs, coefs):
+            acc = encode_into(acc, g, c, exps)
+        for k in plain:
+            assert acc[k].dtype == torch.int64 and torch.equal(acc[k], plain[k]), (chunk, k)
+    g64 = {k: v.double() for k, v in gs[0].items()}
+    e64 = exponents([max_abs(g64)], [1.0])
+    assert all(torch.equal(encode_into(None, g64, 1.0, e64)[k], encode(g64, 1.0, e64)[k]) for k in g64)
 
 
 def test_sharded_by_coordinate_gives_the_same_bits():
