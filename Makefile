@@ -12,13 +12,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m metaray.platform.cli demo
 
-# `make test` is what CI runs: every test, the slow ones included (~9 min on 2 cores after the install).
+# `make test` is what CI runs: every test, the slow ones included (~22 min on 2 cores after the install; it
+# prints the 25 slowest).
 # `make test-fast` is the default pytest selection (`-m 'not slow'`, ~3 min) for the edit-test loop.
 # GPU tests are marked `gpu` and skip cleanly where torch sees no CUDA device.
 # The monitoring tests need a real Prometheus: tools/install_monitoring.sh installs it (once; not for `make demo`).
 test: $(VENV)/.installed
 	bash tools/install_monitoring.sh
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "slow or not slow" --durations=25
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q
