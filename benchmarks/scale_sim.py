@@ -59,12 +59,13 @@ def constants(x: dict) -> dict[str, float]:
             ts.append(time.perf_counter() - t0)
         return min(ts)
 
-    acc = fixed.encode(g, 1.0 / TASKS, exps)
-    encode_add = best(lambda: fixed.add_into(acc, fixed.encode(g, 1.0 / TASKS, exps)))
+    acc = fixed.encode_into(None, g, 1.0 / TASKS, exps)
+    encode_add = best(lambda: fixed.encode_into(acc, g, 1.0 / TASKS, exps))
+    max_abs = best(lambda: fixed.max_abs(g))
     total = {k: v.clone() for k, v in g.items()}
     float_add = best(lambda: [total[k].add_(g[k]) for k in g])
     return {"bytes_per_task_gradient": float(nbytes), "fixed_point_encode_add_s_per_byte": encode_add / nbytes,
-            "float_add_s_per_byte": float_add / nbytes}
+            "max_abs_s_per_byte": max_abs / nbytes, "float_add_s_per_byte": float_add / nbytes}
 
 
 def object_store_copy(ray, cluster, nbytes: int) -> float:

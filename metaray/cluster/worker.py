@@ -239,11 +239,15 @@ class InnerLearner:
             return (status, *[None] * ranks)
         if coefs is None:
             flat = torch.stack([torch.cat([self._kept[key][k].reshape(-1) for k in self._x]) for key in keys])
-        else:
-            partial = None
+        else:  # the partial sum is encoded straight into one flat int64 buffer: its blocks are views, no copies
+            d = sum(v.numel() for v in self._x.values())
+            flat = torch.zeros(d, dtype=torch.int64, device=self.device)
+            views, offset = {}, 0
+            for k, v in self._x.items():
+                views[k] = flat[offset : offset + v.numel()].view(v.shape)
+                offset += v.numel()
             for key, c in zip(keys, coefs):
-                partial = reduce.encode_into(partial, self._kept[key], c, exps)
-            flat = torch.cat([partial[k].reshape(-1) for k in self._x])
+                reduce.encode_into(views, self._kept[key], c, exps)
         cut = [flat[..., a:b].contiguous() for a, b in reduce.blocks(flat.shape[-1], ranks)]
         return (status, *[_to_cpu(c) for c in cut])
 
