@@ -187,7 +187,7 @@ class StepDispatch:
         return max(0.0, min(waits)) if waits else None
 
     def _answered(self, ref: Any, a: Attempt) -> None:
-        if a.cancelled or a.index is None or all(self.results[i] is not None for i in a.indices):
+        if a.cancelled or not self._unanswered(a):
             return  # a copy whose answer is no longer wanted (it may have failed: that changes nothing)
         pool, keys = self.pool, self.keys
         try:
@@ -196,10 +196,9 @@ class StepDispatch:
             what = f"tasks {[keys[i] for i in a.indices]}" if a.chunk else f"task {keys[a.index]}"
             pool._events.append(f"worker {a.worker} died while computing {what}: re-dispatched")
             self.restarts += pool._recover(a.worker)
-            for i in a.indices:  # one at a time now: the recovery path is the per-task one
-                if self.results[i] is None:
-                    self.retries += 1
-                    self._submit(i, a.worker, self._snapshot_of(i), a.backup)
+            for i in self._unanswered(a):  # one at a time now: the recovery path is the per-task one
+                self.retries += 1
+                self._submit(i, a.worker, self._snapshot_of(i), a.backup)
             return
         for i, r in zip(a.indices, got if a.chunk else [got]):
             self._result(i, a, r)
@@ -220,9 +219,12 @@ class StepDispatch:
         else:
             self.results[i] = r
             for ref, b in [(ref, b) for q in self.queues for ref, b in q.items()]:
-                if b is not a and not b.cancelled and not self._commits(b) and b.indices \
-                        and all(self.results[j] is not None for j in b.indices):
+                if b is not a and not b.cancelled and not self._commits(b) and b.indices and not self._unanswered(b):
                     self._cancel(ref, b)  # the losing copy
+
+    def _unanswered(self, a: Attempt) -> list[int]:
+        """The tasks of call a that still need an answer (none for a leftover of an earlier step)."""
+        return [i for i in a.indices if self.results[i] is None]
 
     def _snapshot_of(self, i: int) -> tuple | None:
         return self.pool._restore(self.keys[i]) if self.stateful_train else None
@@ -238,7 +240,7 @@ class StepDispatch:
                 continue
             head = next(iter(q.values()))
             for ref, a in list(q.items()):
-                todo = [i for i in a.indices if self.results[i] is None]
+                todo = self._unanswered(a)
                 if a.overdue or a.cancelled or not todo:
                     continue
                 if not self._free_workers(exclude=w):
@@ -284,7 +286,8 @@ class StepDispatch:
         self._elsewhere(i, target)
 
     def _elsewhere(self, i: int, target: int) -> None:
-        """Task i on a worker other than its owner's queue: a stateful task as a backup from the snapshot."""
+        """Task i on another worker than the one it was queued on; a stateful task runs there as a backup, from
+        the driver's snapshot of its state."""
         self.retries += 1
         self._submit(i, target, self._snapshot_of(i), backup=self.stateful_train)
 

@@ -9,8 +9,8 @@ import torch
 
 from metaray.cluster.aggregate import aggregate
 from metaray.cluster import reduce
-from metaray.cluster.reduce import (add_into, blocks, coefficients, decode, decode_flat, encode, encode_into, exact_sum,
-                                   exponents, max_abs, unflatten)
+from metaray.cluster.reduce import (blocks, coefficients, decode, decode_flat, encode, encode_into, exact_sum, exponents,
+                                   max_abs, unflatten)
 
 
 def grads(n: int, d: int = 2000, seed: int = 0, dtype=torch.float32, scale: float = 1.0) -> list[dict]:
@@ -23,6 +23,11 @@ def grads(n: int, d: int = 2000, seed: int = 0, dtype=torch.float32, scale: floa
     return out
 
 
+def add(acc: dict | None, q: dict) -> dict:
+    """acc + q, int64 (the plain reference for what encode_into accumulates)."""
+    return {k: v.clone() for k, v in q.items()} if acc is None else {k: acc[k] + q[k] for k in acc}
+
+
 def split_sum(gs: list[dict], coefs: list[float], parts: list[list[int]], order: list[int]) -> dict:
     """What W actors compute: each sums its own tasks (in its own order), the partials meet in ``order``."""
     exps = exponents([max_abs(g) for g in gs], coefs)
@@ -30,11 +35,11 @@ def split_sum(gs: list[dict], coefs: list[float], parts: list[list[int]], order:
     for idx in parts:
         acc = None
         for i in idx:
-            acc = add_into(acc, encode(gs[i], coefs[i], exps))
+            acc = encode_into(acc, gs[i], coefs[i], exps)  # what each actor runs
         partials.append(acc)
     total = None
     for p in order:
-        total = add_into(total, partials[p])
+        total = add(total, partials[p])
     return decode(total, exps, {k: v.dtype for k, v in gs[0].items()})
 
 
@@ -63,7 +68,7 @@ def test_any_split_and_order_gives_the_same_bits(rule):
 
 
 def test_chunked_encode_gives_the_bits_of_the_plain_one(monkeypatch):
-    """encode_into (chunks through a small scratch buffer) = add_into(acc, encode(...)) to the bit, for chunk
+    """encode_into (chunks through a small scratch buffer) = the plain sum of encode(...) terms to the bit, for chunk
     sizes that do and do not divide the tensor, a non-contiguous tensor and float64."""
     gs = grads(3, d=1000)
     gs[1]["w"] = torch.randn(2000, dtype=torch.float32)[::2]  # non-contiguous
@@ -71,7 +76,7 @@ def test_chunked_encode_gives_the_bits_of_the_plain_one(monkeypatch):
     exps = exponents([max_abs(g) for g in gs], coefs)
     plain = None
     for g, c in zip(gs, coefs):
-        plain = add_into(plain, encode(g, c, exps))
+        plain = add(plain, encode(g, c, exps))
     for chunk in (7, 256, 1000, 1 << 17):
         monkeypatch.setattr(reduce, "_CHUNK", chunk)
         acc = None
@@ -99,7 +104,7 @@ def test_sharded_by_coordinate_gives_the_same_bits():
         for idx in [list(range(n))[i::w] for i in range(w)]:
             acc = None
             for i in idx:
-                acc = add_into(acc, encode(gs[i], coefs[i], exps))
+                acc = encode_into(acc, gs[i], coefs[i], exps)
             flats.append(torch.cat([acc[k].reshape(-1) for k in sizes]))
         for r in (1, 2, 3, 5, 7):
             parts = blocks(sum(sizes.values()), r)
