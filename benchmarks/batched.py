@@ -6,6 +6,8 @@ Workloads (CPU, float32, 2 torch threads, timed alternately, median):
 - sinusoid: second-order MAML on 64 sinusoid tasks (Finn et al.), MLP 1-40-40-1, 10 shots / 10 queries,
   5 inner steps of 0.01: ``solver.hypergrad`` per task (the loop) vs ``solver.hypergrad_batch`` (vmapped, per-task
   results) vs ``solver.hypergrad_mean`` (vmapped, the reduced form for the mean rule).
+- imaml-sinusoid: iMAML on the same 64 tasks, 10 proximal inner steps of 0.01, λ = 1, 5 CG steps: the loop vs
+  the batched CG (every task's system solved at once, each with its own step sizes and stopping) and its mean form.
 - conv4: second-order MAML, Conv4 (32 channels, BatchNorm), 5-way 1-shot, 15 queries, 8 tasks, 5 inner steps of
   0.4 (the peers workload): the same three modes. learn2learn and the other peers: see the peers section.
 The first vmapped call (tracing) is timed separately. Agreement: global relative norm of the mean gradient of
@@ -33,6 +35,11 @@ def sinusoid(n: int):
     P = ModelProblem(mlp([1, 40, 40, 1]), "mse")
     src = SinusoidSource()
     return P, P.initial_params(), [src.sample(("train", 0, i)) for i in range(n)], S.make("maml", inner_steps=5, inner_lr=0.01)
+
+
+def imaml_sinusoid(n: int):
+    P, x, tasks, _ = sinusoid(n)
+    return P, x, tasks, S.make("imaml", inner_steps=10, inner_lr=0.01, lam=1.0, cg_steps=5)
 
 
 def conv4(n: int):
@@ -72,13 +79,16 @@ def measure(setup, n: int, repeats: int) -> dict:
 
 def build(quick: bool) -> dict:
     t0 = time.perf_counter()
-    runs = {"sinusoid": measure(sinusoid, 64, 3 if quick else 15), "conv4": measure(conv4, 2 if quick else 8, 1 if quick else 5)}
+    runs = {"sinusoid": measure(sinusoid, 64, 3 if quick else 15),
+            "imaml-sinusoid": measure(imaml_sinusoid, 64, 3 if quick else 15),
+            "conv4": measure(conv4, 2 if quick else 8, 1 if quick else 5)}
     tables, headline = [], []
     for wl, r in runs.items():
         med = {k: statistics.median(v) for k, v in r["times"].items()}
         loop = med["loop (hypergrad per task)"]
         rows = [[k, v * 1e3, loop / v, r["first_call_s"][k] * 1e3, r["agreement"][k]] for k, v in med.items()]
-        tables.append(table(f"{wl}: second-order MAML, {r['tasks']} tasks, median of {len(r['times'][next(iter(med))])}",
+        what = "iMAML (batched CG)" if wl.startswith("imaml") else "second-order MAML"
+        tables.append(table(f"{wl}: {what}, {r['tasks']} tasks, median of {len(r['times'][next(iter(med))])}",
                             ["mode", "median ms", "speed-up vs loop", "first call ms", "mean grad rel. diff vs loop"], rows))
         best = min((k for k in med if k != "loop (hypergrad per task)"), key=med.get)
         headline.append(f"{wl} ({r['tasks']} tasks, CPU): {best} is **{loop / med[best]:.2f}×** the task loop"

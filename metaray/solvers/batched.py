@@ -28,7 +28,6 @@ MAML and the loop.
 """
 from __future__ import annotations
 
-import abc
 import dataclasses
 import math
 import warnings
@@ -40,6 +39,7 @@ from torch import Tensor
 from .core import HyperGrad, NonFiniteError, Params, check_params, check_problem, check_scalar, detached, inner_start, project
 
 Surrogate = Callable[[Any, Params, Any], tuple[Tensor, dict]]
+Compute = Callable[[Params, bool], tuple[Params, dict]]  # (x, mean) -> (grad, aux), as ``run`` returns
 
 PROTOCOL = ("batchable", "stack_tasks", "outer_loss_and_metric_tensors")
 
@@ -102,7 +102,7 @@ def start(problem: Any, x: Params, task: Any) -> Params:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _split(task: Any) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], Any]]:
+def split(task: Any) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], Any]]:
     """The tensors of a stacked task (a dataclass or a dict) and how to put a task back together around them."""
     if dataclasses.is_dataclass(task) and not isinstance(task, type):
         tensors = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if isinstance(getattr(task, f.name), Tensor)}
@@ -129,7 +129,7 @@ def refusal(problem: Any, tasks: Sequence[Any]) -> str | None:
 def run(problem: Any, x: Params, tasks: Sequence[Any], surrogate: Surrogate, *, mean: bool = False):
     """(grad, aux) of the surrogate for every task (stacked along dim 0), or of the task mean with ``mean``."""
     twin = problem.batched() if callable(getattr(problem, "batched", None)) else problem
-    tensors, rebuild = _split(problem.stack_tasks(list(tasks)))
+    tensors, rebuild = split(problem.stack_tasks(list(tasks)))
 
     def one(xx: Params, t: dict[str, Tensor]) -> tuple[Tensor, dict]:
         return surrogate(twin, xx, rebuild(t))
@@ -169,11 +169,11 @@ def _check(grad: Params, aux: dict, tasks: Sequence[Any], per_task: bool) -> Non
         raise NonFiniteError(f"hypergradient has non-finite entries in {bad}", where="hypergradient", task=list(tasks))
 
 
-def hypergrads(problem: Any, x: Params, tasks: Sequence[Any], surrogate: Surrogate,
+def hypergrads(x: Params, tasks: Sequence[Any], compute: Compute,
                metrics: dict[str, float] | None = None) -> list[HyperGrad]:
-    """One HyperGrad per task, in order, from one vmapped computation; ``metrics`` are the solver's own
+    """One HyperGrad per task, in order, from one batched computation; ``metrics`` are the solver's own
     (the same for every task)."""
-    grad, aux = run(problem, x, tasks, surrogate)
+    grad, aux = compute(x, False)
     _check(grad, aux, tasks, per_task=True)
     outer, inner = aux["outer"].tolist(), aux["inner"].tolist()
     names = list(aux["metrics"])
@@ -187,11 +187,11 @@ def hypergrads(problem: Any, x: Params, tasks: Sequence[Any], surrogate: Surroga
     return out
 
 
-def mean_hypergrad(problem: Any, x: Params, tasks: Sequence[Any], surrogate: Surrogate,
+def mean_hypergrad(x: Params, tasks: Sequence[Any], compute: Compute,
                    metrics: dict[str, float] | None = None) -> HyperGrad:
-    """The mean over tasks in one HyperGrad: grad = the gradient of the task-mean surrogate (one backward pass,
-    no per-task gradients), losses and metrics the task means."""
-    grad, aux = run(problem, x, tasks, surrogate, mean=True)
+    """The mean over tasks in one HyperGrad: grad = the gradient of the task mean (one backward pass, no
+    per-task gradients), losses and metrics the task means."""
+    grad, aux = compute(x, True)
     _check(grad, aux, tasks, per_task=False)
     m = {k: float(v.to(torch.float64).mean()) for k, v in aux["metrics"].items()}
     m.update(metrics or {})
@@ -204,20 +204,30 @@ def mean_hypergrad(problem: Any, x: Params, tasks: Sequence[Any], surrogate: Sur
 # ----------------------------------------------------------------------------------------------------------
 
 
-class Batched(abc.ABC):
+class Batched:
     """Mixin (before ``Solver`` in the bases) that batches ``hypergrad_batch`` by vmap over tasks.
 
-    A solver provides ``_surrogate(problem, x, tasks) -> (surrogate, solver metrics)``, or a string saying why
-    this configuration does not batch (then the loop runs, with one warning per solver instance).
+    A solver provides ``_surrogate(problem, x, tasks) -> (surrogate, solver metrics)`` (the gradient-descent
+    family), or overrides ``_batched_compute`` with its own batched computation (the implicit solvers' batched CG); either
+    may return a string saying why this configuration does not batch (then the loop runs, with one warning per
+    solver instance).
     """
 
-    @abc.abstractmethod
     def _surrogate(self, problem: Any, x: Params, tasks: Sequence[Any]) -> tuple[Surrogate, dict] | str:
-        """The hook each solver using this mixin defines (see the class docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} uses batched.Batched without a _surrogate or a _batched_compute")
 
-    def _batch_plan(self, problem: Any, x: Params, tasks: Sequence[Any]) -> tuple[Surrogate, dict] | None:
+    def _batched_compute(self, problem: Any, x: Params, tasks: Sequence[Any]) -> tuple[Compute, dict] | str:
+        """How to compute these tasks at once: ``compute(x, mean) -> (grad, aux)`` with ``run``'s outputs (aux's
+        metrics may hold per-task solver metrics as [B] tensors), and the solver metrics shared by all tasks."""
+        plan = self._surrogate(problem, x, tasks)
+        if isinstance(plan, str):
+            return plan
+        surrogate, metrics = plan
+        return (lambda xx, mean: run(problem, xx, tasks, surrogate, mean=mean)), metrics
+
+    def _batch_plan(self, problem: Any, x: Params, tasks: Sequence[Any]) -> tuple[Compute, dict] | None:
         why = refusal(problem, tasks)
-        plan = self._surrogate(problem, x, tasks) if why is None else why
+        plan = self._batched_compute(problem, x, tasks) if why is None else why
         if isinstance(plan, str):
             if not self.__dict__.get("_batch_warned"):
                 self.__dict__["_batch_warned"] = True
@@ -238,7 +248,7 @@ class Batched(abc.ABC):
         plan = self._batch_plan(problem, x, tasks)
         if plan is None:
             return super().hypergrad_batch(problem, x, tasks, states)  # type: ignore[misc]
-        return hypergrads(problem, detached(x), tasks, *plan)
+        return hypergrads(detached(x), tasks, *plan)
 
     def hypergrad_mean(self, problem: Any, x: Params, tasks: Sequence[Any]) -> HyperGrad:
         """The mean of the tasks' hypergradients, losses and metrics as one HyperGrad, computed without per-task
@@ -249,7 +259,7 @@ class Batched(abc.ABC):
         x = check_params(x, "outer params x")
         plan = self._batch_plan(problem, x, tasks) if len(tasks) > 1 else None
         if plan is not None:
-            return mean_hypergrad(problem, detached(x), tasks, *plan)
+            return mean_hypergrad(detached(x), tasks, *plan)
         hgs = [self.hypergrad(problem, x, t) for t in tasks]  # type: ignore[attr-defined]
         names = [k for k in hgs[0].metrics if all(k in h.metrics for h in hgs)]
         return HyperGrad(grad={k: sum(h.grad[k] for h in hgs) / len(hgs) for k in x},

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import batched
 from .base import Solver, SolverOptions, nonnegative, option, positive, register
 from .core import (
     BilevelProblem,
@@ -44,6 +45,7 @@ from .core import (
     Params,
     check_finite,
     check_same_keys,
+    check_scalar,
     detached,
     grad_dict,
     inner_start,
@@ -51,12 +53,14 @@ from .core import (
     project,
     tadd,
     tnorm,
+    tscale,
     vjp_dict,
 )
-from .linsolve import ON_INDEFINITE, MatVec, SolveResult, cg, neumann
+from .linsolve import ON_INDEFINITE, BatchSolveResult, MatVec, SolveResult, bdot, cg, cg_batched, neumann, neumann_batched
 from .unrolled import finish, unroll
 
 LinearSolve = Callable[[MatVec, Params, Params | None], SolveResult]  # (matvec, b, initial guess or None)
+BatchLinearSolve = Callable[[MatVec, Params], BatchSolveResult]  # stacked (matvec, b), from a zero guess
 
 
 def implicit_hypergrad(
@@ -79,10 +83,7 @@ def implicit_hypergrad(
     # ∇_y f of an unused inner param is a constant zero (no graph): keep it out of the system.
     active = [k for k in y if gy_f_all[k].requires_grad]
     if not active:
-        raise ValueError(
-            f"inner_loss does not depend on any inner param ({sorted(y)}) to second order: the lower-level "
-            "solution is not unique and the implicit hypergradient is undefined"
-        )
+        raise _no_lower_dependence(y)
     gy_f = {k: gy_f_all[k] for k in active}
     y_act = {k: y[k] for k in active}
 
@@ -98,6 +99,68 @@ def implicit_hypergrad(
         "unused_inner_params": float(len(y) - len(active)),
     }
     return tadd(gx_F, mixed, -1.0), result, extra
+
+
+def _no_lower_dependence(y: Params) -> ValueError:
+    return ValueError(
+        f"inner_loss does not depend on any inner param ({sorted(y)}) to second order: the lower-level "
+        "solution is not unique and the implicit hypergradient is undefined"
+    )
+
+
+def batched_implicit(problem: Any, tasks: list, steps: int, lr: float, solve: BatchLinearSolve,
+                     lam: float | None = None) -> batched.Compute:
+    """Eq. (1) for a batch of tasks at once (``batched.Compute``): the inner steps vmapped over tasks, then one
+    autograd graph over the stacked tasks, in which ∇_y Σ_i f_i holds every task's ∇_y f_i (task i's loss
+    reads only its own slice), so one VJP of it gives every task's Hessian-vector product H_i v_i and the
+    stacked systems H_i q_i = ∇_y F_i are solved together (``linsolve.cg_batched``). With per-task copies of
+    x, the mixed term ∇²_xy f_i q_i is per task too; the reduced form (``mean``) shares one x, so the same
+    VJP sums the tasks. ``lam``: iMAML's proximal inner problem. Per-task solve metrics go into aux's metrics
+    as [B] tensors."""
+    twin = problem.batched() if callable(getattr(problem, "batched", None)) else problem
+    lower = twin if lam is None else Proximal(twin, lam)
+    tensors, rebuild = batched.split(problem.stack_tasks(tasks))
+    n = len(tasks)
+
+    def each(fn: Callable, x_dim: int | None) -> Callable:  # fn(x, y, task) for every task, x shared or per task
+        return torch.func.vmap(lambda xx, yy, t: fn(xx, yy, rebuild(t)), in_dims=(x_dim, 0, 0))
+
+    def compute(x: Params, mean: bool) -> tuple[Params, dict]:
+        xd = detached(x)
+
+        def adapt(t: dict) -> tuple[Params, torch.Tensor]:  # one task's y_T from init_inner, without a graph
+            task, losses = rebuild(t), []
+            y0 = detached(batched.start(lower, xd, task))
+            y = batched.unroll(lower, xd, y0, task, range(steps), batched.constant_lr(lr), losses, graph=False)
+            return y, torch.stack([v.reshape(()) for v in losses]) if losses else y0[next(iter(y0))].new_zeros(0)
+
+        y, step_losses = torch.func.vmap(adapt)(tensors)
+        x_dim = None if mean else 0
+        with torch.enable_grad():
+            xs = leaves(xd) if mean else {k: v.expand(n, *v.shape).clone().requires_grad_() for k, v in xd.items()}
+            ys = leaves(y)
+            outer, outer_metrics = each(lambda xx, yy, t: batched.outer_eval(twin, xx, yy, t), x_dim)(xs, ys, tensors)
+            total = outer.sum()
+            gx_F = grad_dict(total, xs, retain_graph=True)
+            gy_F = grad_dict(total, ys)
+            f = each(lambda xx, yy, t: check_scalar(lower.inner_loss(xx, yy, t), "inner_loss").reshape(()), x_dim)(xs, ys, tensors)
+            gy_f_all = grad_dict(f.sum(), ys, create_graph=True)
+            active = [k for k in ys if gy_f_all[k].requires_grad]  # as in implicit_hypergrad
+            if not active:
+                raise _no_lower_dependence(ys)
+            gy_f, y_act = {k: gy_f_all[k] for k in active}, {k: ys[k] for k in active}
+            result = solve(lambda v: detached(vjp_dict(gy_f, y_act, v, retain_graph=True)), {k: gy_F[k] for k in active})
+            grad = tadd(gx_F, vjp_dict(gy_f, xs, result.solution), -1.0)
+        with torch.no_grad():
+            inner = each(lambda xx, yy, t: check_scalar(twin.inner_loss(xx, yy, t), "inner_loss").reshape(()), None)(xd, y, tensors)
+            grad_norm = torch.sqrt(bdot(detached(gy_f), detached(gy_f)))
+        solver_metrics = {**result.metrics(), "inner_grad_norm": grad_norm,
+                          "unused_inner_params": torch.full_like(grad_norm, float(len(ys) - len(active)))}
+        aux = {"outer": outer.detach(), "inner": inner, "steps": step_losses,
+               "metrics": {**outer_metrics, **solver_metrics}}
+        return (tscale(detached(grad), 1.0 / n) if mean else detached(grad)), aux
+
+    return compute
 
 
 def _pad(q: Params, like: Params) -> Params:
@@ -143,8 +206,8 @@ class IFTOptions(SolverOptions):
     )
 
 
-class _IFT(Solver):
-    """Shared body of ift-cg and ift-neumann; subclasses provide the linear solve."""
+class _IFT(batched.Batched, Solver):
+    """Shared body of ift-cg and ift-neumann; subclasses provide the linear solve, one system or a batch."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -152,6 +215,15 @@ class _IFT(Solver):
 
     def _solve(self, matvec: MatVec, b: Params, q0: Params | None) -> SolveResult:
         raise NotImplementedError
+
+    def _solve_batched(self, matvec: MatVec, b: Params) -> BatchSolveResult:
+        raise NotImplementedError
+
+    def _batched_compute(self, problem, x, tasks):
+        o = self.options
+        if o.warm_start:
+            return "warm_start carries each task's (y_T, q) between steps; the batched path starts every task fresh"
+        return batched_implicit(problem, list(tasks), o.inner_steps, o.inner_lr, self._solve_batched), {}
 
     def _start(self, problem, x, task, state) -> tuple[Params, Params | None]:
         """The inner start and CG's initial guess: init_inner(x), or the carried (y_T, q) with ``warm_start``."""
@@ -204,6 +276,10 @@ class IFTCG(_IFT):
         o = self.options
         return cg(matvec, b, x0=q0, tol=o.cg_tol, max_steps=o.cg_steps, on_indefinite=o.on_indefinite)
 
+    def _solve_batched(self, matvec, b):
+        o = self.options
+        return cg_batched(matvec, b, tol=o.cg_tol, max_steps=o.cg_steps, on_indefinite=o.on_indefinite)
+
 
 @dataclass(frozen=True)
 class IFTNeumannOptions(IFTOptions):
@@ -225,10 +301,26 @@ class IFTNeumann(_IFT):
     Options = IFTNeumannOptions
     paper = "Lorraine, Vicol, Duvenaud 2020, Optimizing millions of hyperparameters by implicit differentiation (survey 001 §6)"
 
+    def _alpha(self) -> float:
+        o = self.options
+        return o.inner_lr if o.neumann_alpha is None else o.neumann_alpha
+
     def _solve(self, matvec, b, q0):
         o = self.options
-        alpha = o.inner_lr if o.neumann_alpha is None else o.neumann_alpha
-        result = neumann(matvec, b, alpha=alpha, terms=o.neumann_terms, tol=o.neumann_tol, on_indefinite=o.on_indefinite)
+        result = neumann(matvec, b, alpha=self._alpha(), terms=o.neumann_terms, tol=o.neumann_tol, on_indefinite=o.on_indefinite)
+        self._refuse_divergence(result)
+        return result
+
+    def _solve_batched(self, matvec, b):
+        o = self.options
+        result = neumann_batched(matvec, b, alpha=self._alpha(), terms=o.neumann_terms, tol=o.neumann_tol,
+                                 on_indefinite=o.on_indefinite)
+        for i in result.diverged.nonzero().flatten().tolist()[:1]:  # the loop's error, for the first such task
+            self._refuse_divergence(result.task(i))
+        return result
+
+    def _refuse_divergence(self, result: SolveResult) -> None:
+        o, alpha = self.options, self._alpha()
         if result.diverged and not (result.indefinite and o.on_indefinite == "stop"):
             # A diverging series returns a finite sum that can be off by orders of magnitude: refuse it. (With
             # on_indefinite='stop', a truncated series at negative curvature is returned, flagged, by design.)
@@ -242,7 +334,6 @@ class IFTNeumann(_IFT):
                 "or use ift-cg",
                 where="neumann",
             )
-        return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,7 +354,7 @@ class IMAMLOptions(SolverOptions):
 
 
 @register
-class IMAML(Solver):
+class IMAML(batched.Batched, Solver):
     """Implicit MAML: (I + H/λ)⁻¹ ∇_y F at the proximal inner solution, by CG with Hessian-vector products.
 
     The outer params are the initialization: Ψ₀(x) = init_inner(x) (for ModelProblem, the model's params).
@@ -287,3 +378,11 @@ class IMAML(Solver):
 
         grad, result, extra = implicit_hypergrad(prox, x, y, task, solve)
         return finish(problem, x, y, task, grad, {**result.metrics(), **extra, "lam": o.lam})
+
+    def _batched_compute(self, problem, x, tasks):
+        o = self.options
+
+        def solve(matvec, b):
+            return cg_batched(matvec, b, tol=o.cg_tol, max_steps=o.cg_steps, on_indefinite=o.on_indefinite)
+
+        return batched_implicit(problem, list(tasks), o.inner_steps, o.inner_lr, solve, lam=o.lam), {"lam": o.lam}

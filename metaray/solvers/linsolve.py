@@ -188,3 +188,210 @@ def neumann(
     # Rounding can lift a flat residual a hair above 1 (an eigenvalue at α·λ ≈ 0 or 2); real divergence grows.
     diverged = max(residuals) > 1.0 + 1e-6 or not math.isfinite(residuals[-1])
     return SolveResult(tscale(total, alpha), residuals, steps, residuals[-1] <= tol, indefinite, diverged)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batched: B independent systems A_i q_i = b_i at once (the tasks of a batch, stacked along dim 0)
+# ----------------------------------------------------------------------------------------------------------
+#
+# ``matvec`` takes stacked Params (every tensor [B, ...]) and returns the stacked products A_i v_i. Each system
+# runs the same recurrence as the single-system solver above, with its own step sizes, its own stopping test and
+# its own flags: a system that has stopped is frozen (its iterate, residual and step count no longer change)
+# while the others go on, so each task gets what ``cg`` / ``neumann`` would give it alone (to rounding).
+
+
+@dataclass
+class BatchSolveResult:
+    """What a batched solve returns: the stacked solutions and, per system, the fields of ``SolveResult``.
+
+    residuals: [K+1, B] relative residuals by iteration; entries past a system's ``lengths[i]`` are padding
+    steps, converged, indefinite, diverged: [B] tensors
+    curvature, curvature_step: [B], the first non-positive pᵀAp met and at which product (for 'raise')
+    """
+
+    solution: Params
+    residuals: torch.Tensor
+    lengths: torch.Tensor
+    steps: torch.Tensor
+    converged: torch.Tensor
+    indefinite: torch.Tensor
+    diverged: torch.Tensor
+    curvature: torch.Tensor
+    curvature_step: torch.Tensor
+
+    def task(self, i: int) -> SolveResult:
+        """System i's result as the single-system solver reports it."""
+        return SolveResult(
+            {k: v[i] for k, v in self.solution.items()},
+            self.residuals[: int(self.lengths[i]), i].tolist(),
+            int(self.steps[i]),
+            bool(self.converged[i]),
+            bool(self.indefinite[i]),
+            bool(self.diverged[i]),
+        )
+
+    def metrics(self, prefix: str = "linsolve_") -> dict[str, torch.Tensor]:
+        """``SolveResult.metrics`` per system, as [B] tensors."""
+        last = self.residuals.gather(0, (self.lengths - 1).clamp(min=0).unsqueeze(0)).squeeze(0)
+        return {
+            f"{prefix}residual": last,
+            f"{prefix}steps": self.steps.to(last.dtype),
+            "converged": self.converged.to(last.dtype),
+            "indefinite": self.indefinite.to(last.dtype),
+            "diverged": self.diverged.to(last.dtype),
+        }
+
+    def _raise_first_indefinite(self, on_indefinite: str) -> "BatchSolveResult":
+        """'raise': the error the task loop raises, for the first system (in task order) that met pᵀAp <= 0."""
+        bad = self.indefinite.nonzero().flatten().tolist() if on_indefinite == "raise" else []
+        if bad:
+            _curvature_check(float(self.curvature[bad[0]]), int(self.curvature_step[bad[0]]), "raise")
+        return self
+
+
+def bdot(a: Params, b: Params) -> torch.Tensor:
+    """Per-system inner products <a_i, b_i>: a [B] tensor."""
+    return sum((a[k] * b[k]).reshape(a[k].shape[0], -1).sum(1) for k in a)  # type: ignore[return-value]
+
+
+def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [B] tensor shaped to broadcast against a stacked [B, ...] tensor."""
+    return s.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _where(mask: torch.Tensor, new: Params, old: Params) -> Params:
+    """new for the systems in ``mask``, old for the frozen ones (a select, so a frozen NaN never leaks)."""
+    return {k: torch.where(_bcast(mask, old[k]), new[k], old[k]) for k in old}
+
+
+def _baxpy(a: Params, b: Params, s: torch.Tensor) -> Params:
+    """a_i + s_i b_i per system."""
+    return {k: a[k] + _bcast(s, a[k]) * b[k] for k in a}
+
+
+class _History:
+    """Per-system residual histories as one [K+1, B] tensor (entries are appended only for running systems)."""
+
+    def __init__(self, first: torch.Tensor):
+        self.rows, self.lengths = [first], torch.ones_like(first, dtype=torch.long)
+        self.last = first
+
+    def append(self, values: torch.Tensor, mask: torch.Tensor) -> None:
+        # A system's k-th residual sits in row k: a frozen system gets padding (its last value) in later rows.
+        self.last = torch.where(mask, values, self.last)
+        self.rows.append(self.last)
+        self.lengths = self.lengths + mask.long()
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(self.rows)
+
+
+def _batch_setup(b: Params) -> tuple[Params, torch.Tensor, torch.Tensor]:
+    b = detached(b)
+    b_norm = torch.sqrt(bdot(b, b))
+    return b, b_norm, b_norm == 0
+
+
+@torch.no_grad()
+def cg_batched(
+    matvec: MatVec,
+    b: Params,
+    *,
+    x0: Params | None = None,
+    tol: float = 1e-10,
+    max_steps: int = 100,
+    on_indefinite: str = "stop",
+) -> BatchSolveResult:
+    """``cg`` for B systems at once; ``matvec`` maps stacked directions to stacked products. 'raise' stops the
+    systems that meet pᵀAp <= 0 like 'stop' does and raises once all have stopped, for the first such system in
+    task order: the error the task loop would raise."""
+    _check_common(tol, max_steps, on_indefinite)
+    b, b_norm, zero = _batch_setup(b)
+    n = b_norm.shape[0]
+    q = tzeros_like(b) if x0 is None else detached(x0)
+    r = b if x0 is None else _baxpy(b, matvec(q), -torch.ones_like(b_norm))
+    steps = torch.full((n,), 0 if x0 is None else 1, dtype=torch.long, device=b_norm.device)
+    rr = bdot(r, r)
+    safe_norm = torch.where(zero, torch.ones_like(b_norm), b_norm)
+    history = _History(torch.where(zero, torch.zeros_like(b_norm), torch.sqrt(rr) / safe_norm))
+    if x0 is not None:  # b = 0: the solution is 0 whatever A is and the guess is dropped, as in ``cg``
+        q, steps = _where(~zero, q, tzeros_like(b)), torch.where(zero, torch.zeros_like(steps), steps)
+    p = r
+    indefinite = torch.zeros(n, dtype=torch.bool, device=b_norm.device)
+    curvature = torch.zeros_like(b_norm)
+    curvature_step = torch.zeros_like(steps)
+    live = ~zero & (history.last > tol)
+    for _ in range(max_steps):
+        if not bool(live.any()):
+            break
+        Ap = matvec(p)
+        steps = steps + live.long()
+        curv = bdot(p, Ap)
+        bad = live & (curv <= 0)
+        if on_indefinite == "raise" and bool(bad.any()):
+            curvature = torch.where(bad & ~indefinite, curv, curvature)
+            curvature_step = torch.where(bad & ~indefinite, steps, curvature_step)
+        indefinite = indefinite | bad
+        stop = bad & ((on_indefinite != "continue") | (curv == 0))  # curv == 0: CG breaks down
+        move = live & ~stop
+        alpha = torch.where(move, rr / torch.where(move, curv, torch.ones_like(curv)), torch.zeros_like(rr))
+        q = _where(move, _baxpy(q, p, alpha), q)
+        r = _where(move, _baxpy(r, Ap, -alpha), r)
+        rr_new = torch.where(move, bdot(r, r), rr)
+        history.append(torch.sqrt(rr_new) / safe_norm, move)
+        finite = torch.isfinite(rr_new)
+        beta = torch.where(move & finite, rr_new / torch.where(rr == 0, torch.ones_like(rr), rr), torch.zeros_like(rr))
+        p = _where(move & finite, _baxpy(r, p, beta), p)
+        rr = torch.where(move, rr_new, rr)
+        live = move & finite & (history.last > tol)
+    last = history.last
+    return BatchSolveResult(q, history.stacked(), history.lengths, steps, last <= tol, indefinite,
+                            torch.zeros_like(indefinite), curvature, curvature_step)._raise_first_indefinite(on_indefinite)
+
+
+@torch.no_grad()
+def neumann_batched(
+    matvec: MatVec,
+    b: Params,
+    *,
+    alpha: float,
+    terms: int,
+    tol: float = 0.0,
+    on_indefinite: str = "continue",
+) -> BatchSolveResult:
+    """``neumann`` for B systems at once (the same per-system stopping, flags and divergence test; 'raise' as in
+    ``cg_batched``)."""
+    _check_common(tol, terms, on_indefinite)
+    if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"the Neumann step size alpha must be a finite float > 0, got {alpha!r}")
+    b, b_norm, zero = _batch_setup(b)
+    n = b_norm.shape[0]
+    safe_norm = torch.where(zero, torch.ones_like(b_norm), b_norm)
+    p, total = b, tzeros_like(b)
+    history = _History(torch.where(zero, torch.zeros_like(b_norm), torch.ones_like(b_norm)))
+    steps = torch.zeros(n, dtype=torch.long, device=b_norm.device)
+    indefinite = torch.zeros(n, dtype=torch.bool, device=b_norm.device)
+    curvature, curvature_step = torch.zeros_like(b_norm), torch.zeros_like(steps)
+    live = ~zero & (history.last > tol)
+    peak = history.last.clone()
+    for _ in range(terms):
+        if not bool(live.any()):
+            break
+        Ap = matvec(p)
+        steps = steps + live.long()
+        curv = bdot(p, Ap)
+        bad = live & (curv <= 0)
+        if on_indefinite == "raise" and bool(bad.any()):
+            curvature = torch.where(bad & ~indefinite, curv, curvature)
+            curvature_step = torch.where(bad & ~indefinite, steps, curvature_step)
+        indefinite = indefinite | bad
+        move = live & ~(bad & (on_indefinite != "continue"))
+        total = _where(move, {k: total[k] + p[k] for k in p}, total)
+        p = _where(move, {k: p[k] - alpha * Ap[k] for k in p}, p)
+        history.append(torch.sqrt(bdot(p, p)) / safe_norm, move)
+        peak = torch.maximum(peak, torch.where(torch.isnan(history.last), torch.full_like(peak, math.inf), history.last))
+        live = move & torch.isfinite(history.last) & (history.last > tol)
+    last = history.last
+    diverged = (peak > 1.0 + 1e-6) | ~torch.isfinite(last)
+    return BatchSolveResult(tscale(total, alpha), history.stacked(), history.lengths, steps, last <= tol, indefinite,
+                            diverged, curvature, curvature_step)._raise_first_indefinite(on_indefinite)

@@ -23,10 +23,10 @@ HERE = Path(__file__).resolve().parent
 TASKS, STEPS, LR = 6, 3, 0.01
 
 
-def spec(source=None) -> WorkerSpec:
+def spec(source=None, solver="maml", **options) -> WorkerSpec:
     torch.manual_seed(0)
-    return WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver="maml",
-                      solver_options={"inner_steps": 2, "inner_lr": 0.01}, source=source or SinusoidSource(dtype=torch.float64),
+    return WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver=solver,
+                      solver_options=options or {"inner_steps": 2, "inner_lr": 0.01}, source=source or SinusoidSource(dtype=torch.float64),
                       dtype="float64", imports=("cluster_helpers",))
 
 
@@ -68,6 +68,25 @@ def test_in_process_batches_follow_the_loop_trajectory(loop_reference, per_batch
     assert losses == pytest.approx(ref_losses, rel=1e-10)
     if per_batch == "auto":  # measured once, on the first step, whose results are the loop's
         assert set(choice) == {"batched", "loop_s_per_task", "batched_s_per_task", "tasks"} and choice["tasks"] == TASKS
+
+
+def test_imaml_batched_cg_chunks_follow_the_loop_trajectory():
+    """iMAML's batched CG in the worker: each task's system solved with its own steps, the same trajectory and
+    the same per-task CG diagnostics as one task per call."""
+    imaml = dict(solver="imaml", inner_steps=4, inner_lr=0.05, lam=1.0, cg_steps=6, cg_tol=1e-3)
+    runs = {}
+    for per_batch in (1, 3):
+        with InProcessPool(spec(**imaml), ClusterConfig(num_workers=1, metrics=False, tasks_per_batch=per_batch)) as p, \
+                warnings.catch_warnings():
+            warnings.simplefilter("error", BatchFallbackWarning)
+            x, steps = x0(), []
+            for s in range(STEPS):
+                r = p.step(x, [("train", s, i) for i in range(TASKS)])
+                x = {k: x[k] - LR * r.grad[k] for k in x}
+                steps.append([t["linsolve_steps"] for t in r.per_task])
+            runs[per_batch] = x, steps
+    assert rel(runs[3][0], runs[1][0]) < 1e-10 and rel(runs[1][0], x0()) > 1e-5
+    assert runs[3][1] == runs[1][1] and len({v for row in runs[1][1] for v in row}) > 1  # tasks stopped apart
 
 
 def test_a_nonfinite_task_in_a_batch_fails_the_step_cleanly():

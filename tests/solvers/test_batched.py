@@ -178,3 +178,69 @@ def test_nonfinite_results_fail_like_the_loop_naming_the_task():
         solver.hypergrad_batch(P, x, tasks)
     assert str(batch_err.value) == str(loop_err.value) == "inner_loss at inner step 0 is not finite (nan)"
     assert batch_err.value.task is tasks[1] and batch_err.value.where == loop_err.value.where
+
+
+# ---- the implicit solvers: batched CG / Neumann, each task's system solved as the loop solves it alone -----
+
+from metaray.solvers.core import DivergedError  # noqa: E402
+from metaray.solvers.linsolve import IndefiniteError  # noqa: E402
+
+IMPLICIT = [
+    ("ift-cg", dict(inner_steps=30, inner_lr=0.1, cg_steps=12, cg_tol=1e-4)),  # stops at indefinite directions
+    ("ift-neumann", dict(inner_steps=30, inner_lr=0.1, neumann_terms=30, neumann_tol=0.3)),
+    ("imaml", dict(inner_steps=10, inner_lr=0.1, lam=2.0, cg_steps=8, cg_tol=1e-5)),
+]
+
+
+@pytest.mark.parametrize("name,opts", IMPLICIT, ids=[n for n, _ in IMPLICIT])
+def test_batched_implicit_equals_the_loop_on_an_mlp(name, opts):
+    P, x = mlp_problem()
+    tasks = sinusoid(5)
+    solver = S.make(name, **opts)
+    loop = loop_of(solver, P, x, tasks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BatchFallbackWarning)
+        batch = solver.hypergrad_batch(P, x, tasks)
+        mean = solver.hypergrad_mean(P, x, tasks)
+    assert_same(batch, loop)
+    # the tasks' solves stopped after different numbers of products: the per-task freezing is exercised
+    assert len({h.metrics["linsolve_steps"] for h in loop}) > 1
+    assert abs(float(loop[0].grad["log_wd"])) > 1e-6  # the mixed term ∇²_xy f · q, which could be wrong
+    ref = {k: sum(h.grad[k] for h in loop) / len(loop) for k in x}
+    assert global_rel(mean.grad, ref) < TOL
+    assert mean.metrics["linsolve_steps"] == pytest.approx(sum(h.metrics["linsolve_steps"] for h in loop) / len(loop))
+
+
+@pytest.mark.parametrize("name", ["imaml", "ift-cg"])
+def test_batched_implicit_equals_the_loop_on_conv4_with_batchnorm(name):
+    P, x, tasks = conv_problem()
+    opts = dict(inner_steps=3, inner_lr=0.2, cg_steps=4, on_indefinite="continue")
+    solver = S.make(name, **(dict(opts, lam=1.0) if name == "imaml" else opts))
+    loop = loop_of(solver, P, x, tasks)
+    assert_same(solver.hypergrad_batch(P, x, tasks), loop)
+    ref = {k: sum(h.grad[k] for h in loop) / len(loop) for k in x}
+    assert global_rel(solver.hypergrad_mean(P, x, tasks).grad, ref) < TOL
+
+
+def test_batched_implicit_errors_and_fallbacks_are_the_loops():
+    P, x = mlp_problem()
+    tasks = sinusoid(4)
+    # warm starts carry per-task state: the loop runs, said once
+    solver = S.make("ift-cg", inner_steps=5, warm_start=True)
+    with pytest.warns(BatchFallbackWarning, match="warm_start"):
+        out = solver.hypergrad_batch(P, x, tasks)
+    assert out[0].state is not None
+    # an indefinite Hessian with on_indefinite='raise': the loop's error for the first such task
+    solver = S.make("ift-cg", inner_steps=2, inner_lr=0.05, cg_steps=30, on_indefinite="raise")
+    with pytest.raises(IndefiniteError) as loop_err:
+        loop_of(solver, P, x, tasks)
+    with pytest.raises(IndefiniteError) as batch_err:
+        solver.hypergrad_batch(P, x, tasks)
+    assert str(batch_err.value) == str(loop_err.value)
+    # a diverging Neumann series is refused with the loop's message
+    solver = S.make("ift-neumann", inner_steps=30, inner_lr=0.1, neumann_alpha=50.0, neumann_terms=10, on_indefinite="continue")
+    with pytest.raises(DivergedError) as loop_err:
+        loop_of(solver, P, x, tasks)
+    with pytest.raises(DivergedError) as batch_err:
+        solver.hypergrad_batch(P, x, tasks)
+    assert str(batch_err.value) == str(loop_err.value)

@@ -136,3 +136,82 @@ def test_bad_arguments_raise_clear_errors():
         cg(operator(A), b, max_steps=-3)
     with pytest.raises(ValueError, match="alpha"):
         neumann(operator(A), b, alpha=0.0, terms=3)
+
+
+# ---- batched: B systems at once, each exactly as the single-system solver runs it -----------------------
+
+from metaray.solvers.linsolve import cg_batched, neumann_batched  # noqa: E402
+
+
+def batch_operator(As: list[torch.Tensor]):
+    """Stacked products A_i v_i for stacked Params v (keys as in as_params)."""
+    like = as_params(torch.zeros(As[0].shape[0], dtype=D64))
+
+    def matvec(v):
+        flat = torch.cat([v[k].reshape(len(As), -1) for k in like], 1)
+        out = torch.stack([A @ f for A, f in zip(As, flat)])
+        return {k: t.reshape(len(As), *like[k].shape) for k, t in zip(like, out.split([t.numel() for t in like.values()], 1))}
+
+    return matvec
+
+
+def stacked(vs: list[torch.Tensor]) -> dict:
+    ps = [as_params(v) for v in vs]
+    return {k: torch.stack([p[k] for p in ps]) for k in ps[0]}
+
+
+def assert_same_result(batch, i, single):
+    one = batch.task(i)
+    # to rounding: the batched dot products sum in another order (1.5e-11 on the κ = 1e4 system)
+    ref = flatten(single.solution)
+    assert float((flatten(one.solution) - ref).norm()) <= 1e-9 * max(float(ref.norm()), 1e-300)
+    assert (one.steps, one.converged, one.indefinite, one.diverged) == (single.steps, single.converged, single.indefinite, single.diverged)
+    assert len(one.residuals) == len(single.residuals)
+    assert one.residuals == pytest.approx(single.residuals, rel=1e-8, abs=1e-14)
+    for k, v in single.metrics().items():
+        assert float(batch.metrics()[k][i]) == pytest.approx(v, rel=1e-8, abs=1e-14)
+
+
+def systems():
+    """Four systems that stop at different steps: two distinct eigenvalues (CG converges in 2 steps), κ = 100, a
+    zero right-hand side, and an indefinite matrix."""
+    n = 9
+    As = [spd(n, [1.0] * 4 + [3.0] * 5), spd(n, torch.logspace(0, 2, n), seed=3),
+          spd(n, torch.linspace(1.0, 3.0, n), seed=4), spd(n, torch.linspace(-1.0, 5.0, n), seed=5)]
+    bs = [rhs(n), rhs(n, 2), torch.zeros(n, dtype=D64), rhs(n, 3)]
+    return As, bs
+
+
+@pytest.mark.parametrize("on_indefinite", ["stop", "continue"])
+@pytest.mark.parametrize("guess", [False, True])
+def test_batched_cg_runs_each_system_as_cg_does(on_indefinite, guess):
+    As, bs = systems()
+    x0s = [rhs(9, 7 + i) * 0.1 for i in range(4)] if guess else None
+    kw = dict(tol=1e-9, max_steps=6, on_indefinite=on_indefinite)
+    batch = cg_batched(batch_operator(As), stacked(bs), x0=stacked(x0s) if guess else None, **kw)
+    singles = [cg(operator(A), as_params(b), x0=as_params(x0s[i]) if guess else None, **kw) for i, (A, b) in enumerate(zip(As, bs))]
+    for i, single in enumerate(singles):
+        assert_same_result(batch, i, single)
+    # the systems really stopped at different points, so the per-system freezing is what is being tested
+    assert len({s.steps for s in singles}) >= 3 and singles[3].indefinite and singles[0].converged
+
+
+def test_batched_cg_raise_names_the_first_indefinite_system_like_the_loop():
+    As, bs = systems()
+    As[1] = spd(9, torch.linspace(-2.0, 1.0, 9), seed=6)  # two indefinite systems: the loop raises on system 1
+    with pytest.raises(IndefiniteError) as loop:
+        for A, b in zip(As, bs):
+            cg(operator(A), as_params(b), max_steps=20, on_indefinite="raise")
+    with pytest.raises(IndefiniteError) as err:
+        cg_batched(batch_operator(As), stacked(bs), max_steps=20, on_indefinite="raise")
+    assert str(err.value) == str(loop.value)
+
+
+@pytest.mark.parametrize("alpha,tol", [(0.4, 1e-6), (0.9, 0.0)])
+def test_batched_neumann_runs_each_system_as_neumann_does(alpha, tol):
+    As, bs = systems()  # alpha = 0.9 diverges on the badly conditioned system
+    batch = neumann_batched(batch_operator(As), stacked(bs), alpha=alpha, terms=25, tol=tol)
+    singles = [neumann(operator(A), as_params(b), alpha=alpha, terms=25, tol=tol) for A, b in zip(As, bs)]
+    for i, single in enumerate(singles):
+        assert_same_result(batch, i, single)
+    assert singles[1].diverged and singles[2].converged
