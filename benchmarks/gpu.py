@@ -8,7 +8,8 @@ steps of 0.4, the mean meta-gradient of one meta-batch:
 - conv4: Conv4 (32 channels, BatchNorm without running stats), 5-way 1-shot, 15 queries, 28×28, 32 tasks;
 - resnet12: ResNet-12 (64-160-320-640, BatchNorm, LeakyReLU 0.1), 5-way 5-shot, 15 queries, 84×84, 4 tasks
   per meta-batch (its second-order unroll at 84×84 is large; per-task memory is what the table shows).
-Each mode is timed after a warm-up (the vmapped first call traces), CUDA-synchronized, median of ``--repeats``:
+A bf16 mode (``[run] precision = "bf16"``: the inner loss under autocast) is timed beside them, with its
+gradient's difference from the fp32 loop. Each mode is timed after a warm-up (the vmapped first call traces), CUDA-synchronized, median of ``--repeats``:
 tasks/s and peak CUDA memory (``torch.cuda.max_memory_allocated``, reset per mode; "–" on a CPU). Then 1, 2 and
 4 Ray actors sharing the device (``num_gpus_per_worker = 1/n`` on a GPU), ``tasks_per_batch="auto"``, conv4:
 tasks/s over a few outer steps. Prints one JSON object (``--json PATH`` also writes it).
@@ -35,6 +36,7 @@ from torch import nn  # noqa: E402
 import metaray.solvers as S  # noqa: E402
 from metaray.tasks import Conv4, Episode, ModelProblem  # noqa: E402
 from metaray.tasks.base import key_generator  # noqa: E402
+from metaray.tasks.precision import AutocastInner  # noqa: E402
 
 
 class ResBlock(nn.Module):
@@ -124,13 +126,16 @@ def single_process(name: str, wl: dict, device, repeats: int) -> dict:
     x = problem.initial_params()
     names = list(x)
     solver = S.make("maml", inner_steps=5, inner_lr=0.4)
+    bf16 = AutocastInner(problem, device.type)
 
     def mean(hgs):
         return [sum(h.grad[k] for h in hgs) / len(hgs) for k in names]
 
     modes = {"metaray batched (vmap, per task)": lambda: mean(solver.hypergrad_batch(problem, x, tasks)),
              "metaray batched (vmap, mean form)": lambda: [solver.hypergrad_mean(problem, x, tasks).grad[k] for k in names],
-             "metaray loop": lambda: mean([solver.hypergrad(problem, x, t) for t in tasks])}
+             "metaray loop": lambda: mean([solver.hypergrad(problem, x, t) for t in tasks]),
+             # [run] precision = "bf16": the inner loss under bf16 autocast (its error against fp32 is reported)
+             "metaray batched bf16 (vmap, mean form)": lambda: [solver.hypergrad_mean(bf16, x, tasks).grad[k] for k in names]}
     try:
         import learn2learn as l2l
 
@@ -163,7 +168,8 @@ def single_process(name: str, wl: dict, device, repeats: int) -> dict:
         out[k] = {"tasks_per_s": wl["tasks"] / r["median_s"], "median_ms": r["median_s"] * 1e3,
                   "peak_memory_mb": r["peak_memory_mb"], "grad_rel_diff_vs_metaray_loop": rel(r["grad"], ref) if ref else None}
     l2l_rate = out.get("learn2learn (per-task loop)", {}).get("tasks_per_s")
-    best = max((k for k in out if k.startswith("metaray")), key=lambda k: out[k]["tasks_per_s"], default=None)
+    # the best fp32 mode is what is compared with learn2learn (fp32); bf16 is reported beside it
+    best = max((k for k in out if k.startswith("metaray") and "bf16" not in k), key=lambda k: out[k]["tasks_per_s"], default=None)
     return {"tasks": wl["tasks"], "modes": out, "skipped": skipped, "best_metaray": best,
             "best_vs_learn2learn": out[best]["tasks_per_s"] / l2l_rate if (best and l2l_rate) else None}
 

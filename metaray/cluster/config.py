@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..solvers.core import BilevelProblem
+from ..tasks.precision import check_precision
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 AGGREGATIONS = ("mean", "weighted", "median", "trimmed_mean")
@@ -37,6 +38,8 @@ class WorkerSpec:
     source:         a TaskSource; workers call ``source.sample(key)`` locally
     dtype:          "float32" | "float64": the default dtype while the problem is built; x is cast to it
     device:         "auto" (cuda if the actor got a GPU, else cpu) | "cpu" | "cuda"
+    precision:      "fp32" | "bf16": the inner loss's forward under bf16 autocast, params and gradients fp32
+                    (metaray.tasks.precision; bf16 needs dtype "float32")
     imports:        modules each worker imports before making the solver (plugin solvers that register
                     themselves on import)
     """
@@ -48,6 +51,7 @@ class WorkerSpec:
     dtype: str = "float32"
     device: str = "auto"
     imports: tuple[str, ...] = ()
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if not callable(self.problem):
@@ -67,6 +71,7 @@ class WorkerSpec:
             raise ValueError(f"WorkerSpec.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"WorkerSpec.device must be one of {list(DEVICES)}, got {self.device!r}")
+        check_precision(self.precision, self.dtype)
         if isinstance(self.imports, str) or not all(isinstance(m, str) for m in self.imports):
             raise TypeError(f"WorkerSpec.imports must be a tuple of module names, got {self.imports!r}")
         object.__setattr__(self, "imports", tuple(self.imports))

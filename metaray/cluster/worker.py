@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..solvers import make, memory
 from ..solvers.core import NonFiniteError, Params, check_grad_finite, check_same_keys
+from ..tasks.precision import check_precision, with_precision
 from . import reduce
 from .config import WorkerSpec
 
@@ -144,6 +145,8 @@ class InnerLearner:
         with _default_dtype(self.dtype), torch.device(self.device):
             self.problem = spec.problem()
         _move_problem(self.problem, self.device, self.dtype)
+        check_precision(spec.precision, spec.dtype, self.device)
+        self.problem = with_precision(self.problem, spec.precision, self.device)
         self.solver = make(spec.solver, **spec.solver_options)
         self.stateful = bool(getattr(self.solver, "stateful", False))
         self.source = spec.source

@@ -247,6 +247,9 @@ class RunSettings(_Section):
     steps: int = _setting(100, "outer steps", _nonnegative)
     seed: int = _setting(0, "seed of the outer params' initialization and of the task sources", _nonnegative)
     dtype: str = _setting("float32", "dtype of params and tasks", choices=("float32", "float64"))
+    precision: str = _setting(
+        "fp32", "inner loop precision: 'fp32', or 'bf16' (the inner loss's forward under bf16 autocast; params, gradients "
+        "and the outer loss in fp32; needs dtype 'float32')", choices=("fp32", "bf16"))
     device: str = _setting("auto", "inner-learner device: 'auto' (GPU if the actor has one), 'cpu', 'cuda'")
     val_every: int = _setting(0, "meta-validate every this many steps (0: only at the end)", _nonnegative)
     checkpoint_every: int = _setting(0, "checkpoint every this many steps (0: only at the end)", _nonnegative)
@@ -257,6 +260,10 @@ class RunSettings(_Section):
     plots: bool = _setting(True, "write PNG plots")
     progress: bool = _setting(True, "show a progress bar")
     tensorboard: bool = _setting(False, "also write the per-step metrics as TensorBoard event files in <run_dir>/tensorboard")
+
+    def validate(self) -> None:
+        if self.precision == "bf16" and self.dtype != "float32":
+            raise ConfigError(f"run.precision = 'bf16' needs run.dtype = 'float32' (autocast leaves float64 alone), got {self.dtype!r}")
 
 
 _SECTIONS: dict[str, type] = {

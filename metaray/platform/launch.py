@@ -68,6 +68,7 @@ def make_pool(config: ExperimentConfig, setup: ProblemSetup, run_name: str, pool
         source=setup.source,
         dtype=config.run.dtype,
         device=config.run.device,
+        precision=config.run.precision,
     )
     if pool_factory is None:
         from ..cluster import InProcessPool, WorkerPool
@@ -87,7 +88,7 @@ def check_memory_budget(config: ExperimentConfig, setup: ProblemSetup) -> Any:
     from ..cluster.worker import InnerLearner
 
     spec = WorkerSpec(problem=setup.make_problem, solver=config.solver.name, solver_options=dict(config.solver.options),
-                      source=setup.source, dtype=config.run.dtype, device="cpu")
+                      source=setup.source, dtype=config.run.dtype, device="cpu", precision=config.run.precision)
     return InnerLearner(spec, set_threads=False).memory_plan(setup.initial_params, ("train", 0, 0))
 
 

@@ -170,6 +170,12 @@ def inner_start(problem: Any, x: Params, task: Any, *, graph: bool = True) -> Pa
     return {k: v.clone() if id(v) in x_ids else v for k, v in y0.items()}
 
 
+def full_precision(problem: Any) -> Any:
+    """The problem with mixed precision switched off (``[run] precision``, metaray.tasks.precision): reduced
+    precision is for the inner steps, so the implicit solvers build their linear system (eq. 31) on this one."""
+    return getattr(problem, "full_precision", problem)
+
+
 def project(problem: Any, x: Params, y: Params) -> Params:
     """The problem's ``project_inner(x, y)`` where it has one (the method is optional), else y."""
     fn = getattr(problem, "project_inner", None)

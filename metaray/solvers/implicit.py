@@ -47,6 +47,7 @@ from .core import (
     check_same_keys,
     check_scalar,
     detached,
+    full_precision,
     grad_dict,
     inner_start,
     leaves,
@@ -118,7 +119,8 @@ def batched_implicit(problem: Any, tasks: list, steps: int, lr: float, solve: Ba
     VJP sums the tasks. ``lam``: iMAML's proximal inner problem. Per-task solve metrics go into aux's metrics
     as [B] tensors."""
     twin = problem.batched() if callable(getattr(problem, "batched", None)) else problem
-    lower = twin if lam is None else Proximal(twin, lam)
+    lower = twin if lam is None else Proximal(twin, lam)  # the inner steps
+    system = full_precision(twin) if lam is None else Proximal(full_precision(twin), lam)  # eq. (1)'s f
     tensors, rebuild = batched.split(problem.stack_tasks(tasks))
     n = len(tasks)
 
@@ -143,7 +145,7 @@ def batched_implicit(problem: Any, tasks: list, steps: int, lr: float, solve: Ba
             total = outer.sum()
             gx_F = grad_dict(total, xs, retain_graph=True)
             gy_F = grad_dict(total, ys)
-            f = each(lambda xx, yy, t: check_scalar(lower.inner_loss(xx, yy, t), "inner_loss").reshape(()), x_dim)(xs, ys, tensors)
+            f = each(lambda xx, yy, t: check_scalar(system.inner_loss(xx, yy, t), "inner_loss").reshape(()), x_dim)(xs, ys, tensors)
             gy_f_all = grad_dict(f.sum(), ys, create_graph=True)
             active = [k for k in ys if gy_f_all[k].requires_grad]  # as in implicit_hypergrad
             if not active:
@@ -253,7 +255,7 @@ class _IFT(batched.Batched, Solver):
         o = self.options
         y0, q0 = self._start(problem, x, task, state)
         y = unroll(problem, x, y0, task, o.inner_steps, o.inner_lr, create_graph=False)
-        grad, result, extra = implicit_hypergrad(problem, x, y, task, self._solve, q0)
+        grad, result, extra = implicit_hypergrad(full_precision(problem), x, y, task, self._solve, q0)
         new_state = {"y": detached(y), "q": _pad(result.solution, y)} if o.warm_start else None
         return finish(problem, x, y, task, grad, {**result.metrics(), **extra}, new_state)
 
@@ -370,13 +372,12 @@ class IMAML(batched.Batched, Solver):
 
     def _hypergrad(self, problem, x, task, state):
         o = self.options
-        prox = Proximal(problem, o.lam)
         y = self._adapt(problem, x, task, state)
 
         def solve(matvec, b, q0):
             return cg(matvec, b, tol=o.cg_tol, max_steps=o.cg_steps, on_indefinite=o.on_indefinite)
 
-        grad, result, extra = implicit_hypergrad(prox, x, y, task, solve)
+        grad, result, extra = implicit_hypergrad(Proximal(full_precision(problem), o.lam), x, y, task, solve)
         return finish(problem, x, y, task, grad, {**result.metrics(), **extra, "lam": o.lam})
 
     def _batched_compute(self, problem, x, tasks):
