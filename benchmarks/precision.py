@@ -21,30 +21,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import batched  # noqa: E402
 from common import rel_err, section_main, table  # noqa: E402
 
 import torch  # noqa: E402
 
 import metaray.solvers as S  # noqa: E402
 from metaray.cluster.worker import move  # noqa: E402
-from metaray.tasks import Conv4, Episode, ModelProblem, SinusoidSource, mlp  # noqa: E402
+from metaray.tasks import ModelProblem, SinusoidSource, mlp  # noqa: E402
 from metaray.tasks.precision import AutocastInner  # noqa: E402
 
 
 def sinusoid_setup(n: int):
-    torch.manual_seed(0)
-    P = ModelProblem(mlp([1, 40, 40, 1]), "mse")
-    src = SinusoidSource()
-    return P, P.initial_params(), [src.sample(("train", 0, i)) for i in range(n)]
+    return batched.sinusoid(n)[:3]  # the batching benchmark's workloads: (problem, x, tasks)
 
 
 def conv4_setup(n: int):
-    torch.manual_seed(0)
-    P = ModelProblem(Conv4(ways=5, hidden=32), "cross_entropy")
-    g = torch.Generator().manual_seed(0)
-    tasks = [Episode(torch.randn(5, 1, 28, 28, generator=g), torch.arange(5), torch.randn(75, 1, 28, 28, generator=g),
-                     torch.arange(5).repeat_interleave(15)) for _ in range(n)]
-    return P, P.initial_params(), tasks
+    return batched.conv4(n)[:3]
 
 
 def mean_grad(hgs, keys):

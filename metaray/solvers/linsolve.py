@@ -286,10 +286,36 @@ class _History:
         return torch.stack(self.rows)
 
 
-def _batch_setup(b: Params) -> tuple[Params, torch.Tensor, torch.Tensor]:
+class _Curvature:
+    """Per-system pᵀAp <= 0 bookkeeping: the ``indefinite`` flags, and the first such value and product count
+    of each system (what the loop's 'raise' reports)."""
+
+    def __init__(self, like: torch.Tensor):
+        self.flag = torch.zeros_like(like, dtype=torch.bool)
+        self.value, self.step = torch.zeros_like(like), torch.zeros_like(like, dtype=torch.long)
+
+    def check(self, live: torch.Tensor, curv: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The running systems whose direction has non-positive curvature now."""
+        bad = live & (curv <= 0)
+        first = bad & ~self.flag
+        self.value, self.step = torch.where(first, curv, self.value), torch.where(first, steps, self.step)
+        self.flag = self.flag | bad
+        return bad
+
+
+def _batch_setup(b: Params) -> tuple[Params, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """b detached, ‖b_i‖, which b_i are 0 (solved by 0 at once), and ‖b_i‖ with 1 for those (safe to divide)."""
     b = detached(b)
     b_norm = torch.sqrt(bdot(b, b))
-    return b, b_norm, b_norm == 0
+    zero = b_norm == 0
+    return b, b_norm, zero, torch.where(zero, torch.ones_like(b_norm), b_norm)
+
+
+def _finish(solution: Params, history: _History, steps: torch.Tensor, tol: float, curvature: _Curvature,
+            diverged: torch.Tensor, on_indefinite: str) -> BatchSolveResult:
+    result = BatchSolveResult(solution, history.stacked(), history.lengths, steps, history.last <= tol, curvature.flag,
+                              diverged, curvature.value, curvature.step)
+    return result._raise_first_indefinite(on_indefinite)
 
 
 @torch.no_grad()
@@ -306,20 +332,16 @@ def cg_batched(
     systems that meet pᵀAp <= 0 like 'stop' does and raises once all have stopped, for the first such system in
     task order: the error the task loop would raise."""
     _check_common(tol, max_steps, on_indefinite)
-    b, b_norm, zero = _batch_setup(b)
-    n = b_norm.shape[0]
+    b, b_norm, zero, safe_norm = _batch_setup(b)
     q = tzeros_like(b) if x0 is None else detached(x0)
     r = b if x0 is None else _baxpy(b, matvec(q), -torch.ones_like(b_norm))
-    steps = torch.full((n,), 0 if x0 is None else 1, dtype=torch.long, device=b_norm.device)
+    steps = torch.full_like(b_norm, 0 if x0 is None else 1, dtype=torch.long)
     rr = bdot(r, r)
-    safe_norm = torch.where(zero, torch.ones_like(b_norm), b_norm)
     history = _History(torch.where(zero, torch.zeros_like(b_norm), torch.sqrt(rr) / safe_norm))
     if x0 is not None:  # b = 0: the solution is 0 whatever A is and the guess is dropped, as in ``cg``
         q, steps = _where(~zero, q, tzeros_like(b)), torch.where(zero, torch.zeros_like(steps), steps)
     p = r
-    indefinite = torch.zeros(n, dtype=torch.bool, device=b_norm.device)
-    curvature = torch.zeros_like(b_norm)
-    curvature_step = torch.zeros_like(steps)
+    curvature = _Curvature(b_norm)
     live = ~zero & (history.last > tol)
     for _ in range(max_steps):
         if not bool(live.any()):
@@ -327,13 +349,8 @@ def cg_batched(
         Ap = matvec(p)
         steps = steps + live.long()
         curv = bdot(p, Ap)
-        bad = live & (curv <= 0)
-        if on_indefinite == "raise" and bool(bad.any()):
-            curvature = torch.where(bad & ~indefinite, curv, curvature)
-            curvature_step = torch.where(bad & ~indefinite, steps, curvature_step)
-        indefinite = indefinite | bad
-        stop = bad & ((on_indefinite != "continue") | (curv == 0))  # curv == 0: CG breaks down
-        move = live & ~stop
+        bad = curvature.check(live, curv, steps)
+        move = live & ~(bad & ((on_indefinite != "continue") | (curv == 0)))  # curv == 0: CG breaks down
         alpha = torch.where(move, rr / torch.where(move, curv, torch.ones_like(curv)), torch.zeros_like(rr))
         q = _where(move, _baxpy(q, p, alpha), q)
         r = _where(move, _baxpy(r, Ap, -alpha), r)
@@ -344,9 +361,7 @@ def cg_batched(
         p = _where(move & finite, _baxpy(r, p, beta), p)
         rr = torch.where(move, rr_new, rr)
         live = move & finite & (history.last > tol)
-    last = history.last
-    return BatchSolveResult(q, history.stacked(), history.lengths, steps, last <= tol, indefinite,
-                            torch.zeros_like(indefinite), curvature, curvature_step)._raise_first_indefinite(on_indefinite)
+    return _finish(q, history, steps, tol, curvature, torch.zeros_like(curvature.flag), on_indefinite)
 
 
 @torch.no_grad()
@@ -364,14 +379,11 @@ def neumann_batched(
     _check_common(tol, terms, on_indefinite)
     if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"the Neumann step size alpha must be a finite float > 0, got {alpha!r}")
-    b, b_norm, zero = _batch_setup(b)
-    n = b_norm.shape[0]
-    safe_norm = torch.where(zero, torch.ones_like(b_norm), b_norm)
+    b, b_norm, zero, safe_norm = _batch_setup(b)
     p, total = b, tzeros_like(b)
     history = _History(torch.where(zero, torch.zeros_like(b_norm), torch.ones_like(b_norm)))
-    steps = torch.zeros(n, dtype=torch.long, device=b_norm.device)
-    indefinite = torch.zeros(n, dtype=torch.bool, device=b_norm.device)
-    curvature, curvature_step = torch.zeros_like(b_norm), torch.zeros_like(steps)
+    steps = torch.zeros_like(b_norm, dtype=torch.long)
+    curvature = _Curvature(b_norm)
     live = ~zero & (history.last > tol)
     peak = history.last.clone()
     for _ in range(terms):
@@ -379,19 +391,12 @@ def neumann_batched(
             break
         Ap = matvec(p)
         steps = steps + live.long()
-        curv = bdot(p, Ap)
-        bad = live & (curv <= 0)
-        if on_indefinite == "raise" and bool(bad.any()):
-            curvature = torch.where(bad & ~indefinite, curv, curvature)
-            curvature_step = torch.where(bad & ~indefinite, steps, curvature_step)
-        indefinite = indefinite | bad
+        bad = curvature.check(live, bdot(p, Ap), steps)
         move = live & ~(bad & (on_indefinite != "continue"))
         total = _where(move, {k: total[k] + p[k] for k in p}, total)
         p = _where(move, {k: p[k] - alpha * Ap[k] for k in p}, p)
         history.append(torch.sqrt(bdot(p, p)) / safe_norm, move)
         peak = torch.maximum(peak, torch.where(torch.isnan(history.last), torch.full_like(peak, math.inf), history.last))
         live = move & torch.isfinite(history.last) & (history.last > tol)
-    last = history.last
-    diverged = (peak > 1.0 + 1e-6) | ~torch.isfinite(last)
-    return BatchSolveResult(tscale(total, alpha), history.stacked(), history.lengths, steps, last <= tol, indefinite,
-                            diverged, curvature, curvature_step)._raise_first_indefinite(on_indefinite)
+    diverged = (peak > 1.0 + 1e-6) | ~torch.isfinite(history.last)
+    return _finish(tscale(total, alpha), history, steps, tol, curvature, diverged, on_indefinite)
