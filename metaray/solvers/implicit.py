@@ -24,6 +24,10 @@ products of ∇_y f (by symmetry of H, Hv is the VJP of ∇_y f with respect to 
   which is iMAML's (I + H/λ)⁻¹ ∇_y F (eq. 42) when x is only the initialization (CG's iterates on
   H + λI and on I + H/λ are the same up to the factor λ, so solving either is the same computation).
 
+Batched (``hypergrad_batch`` / ``hypergrad_mean``, solvers/batched.py): ``batched_implicit`` computes (1) for
+a batch of tasks at once, every task's system solved by ``linsolve.cg_batched`` / ``neumann_batched`` with its own
+step sizes and stopping, so each task gets what its own solve gives (tests/solvers/test_batched.py).
+
 The linear solvers and their diagnostics are in ``linsolve``; residual, steps, ``converged`` and
 ``indefinite`` (a direction of non-positive curvature was met) go into ``HyperGrad.metrics``. Inner params
 the lower level does not depend on are left out of the system (their y* is not determined by f, and they do

@@ -37,6 +37,38 @@ def test_hypergradients_on_cuda_equal_the_cpu(solver):
     assert gpu.outer_loss == pytest.approx(cpu.outer_loss, rel=1e-9)
 
 
+@pytest.mark.parametrize("solver", ["maml", "imaml", "ift-cg"])
+def test_batched_hypergradients_on_cuda_equal_the_cpu_loop(solver):
+    """The vmapped path (batched CG for the implicit solvers) on the GPU against the CPU task loop."""
+    torch.manual_seed(0)
+    model = mlp([1, 40, 40, 1]).double()
+    src = SinusoidSource(dtype=D)
+    tasks = [src.sample(("train", 0, i)) for i in range(4)]
+    x = {k: v.detach().clone() for k, v in model.named_parameters()}
+    s = S.make(solver, inner_steps=3, inner_lr=0.01)
+    cpu = [s.hypergrad(ModelProblem(model, "mse"), x, t) for t in tasks]
+    gpu = s.hypergrad_batch(ModelProblem(model.cuda(), "mse"), _to(x, "cuda"), [_to(t, "cuda") for t in tasks])
+    for c, g in zip(cpu, gpu):
+        for k in x:
+            assert g.grad[k].is_cuda
+            torch.testing.assert_close(g.grad[k].cpu(), c.grad[k], rtol=1e-8, atol=1e-11)
+
+
+def test_bf16_inner_loop_on_cuda_is_close_to_fp32():
+    from metaray.tasks.precision import AutocastInner, check_precision
+
+    check_precision("bf16", "float32", "cuda")
+    torch.manual_seed(0)
+    model = mlp([1, 40, 40, 1]).cuda()
+    task = _to(SinusoidSource().sample(("train", 0, 0)), "cuda")
+    x = {k: v.detach().clone() for k, v in model.named_parameters()}
+    P = ModelProblem(model, "mse")
+    s = S.make("maml", inner_steps=5, inner_lr=0.01)
+    ref, low = s.hypergrad(P, x, task), s.hypergrad(AutocastInner(P, "cuda"), x, task)
+    err = sum(float((low.grad[k] - ref.grad[k]).norm()) ** 2 for k in x) ** 0.5 / sum(float(ref.grad[k].norm()) ** 2 for k in x) ** 0.5
+    assert 1e-6 < err < 0.05 and low.grad["0.weight"].dtype == torch.float32
+
+
 def test_closed_form_on_cuda():
     P, task = QuadraticProblem(), quadratic_task(4, 4, seed=3)
     x = P.initial_params(task)
