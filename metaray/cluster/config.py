@@ -117,7 +117,8 @@ class ClusterConfig:
                           the actor's tasks; "auto" = all of its tasks in one call if a measurement on its first
                           step says batching is faster there, else one at a time. Stateful solvers, evaluation
                           and pools with ``step_timeout_s`` (stragglers are re-dispatched per task) run one at a
-                          time.
+                          time. A batch that runs out of device memory is split in halves and computed again,
+                          and the size that fitted is kept for that actor (one warning each time it shrinks).
     reduction:            "actors" (default): with a stateless solver, each actor keeps its tasks' gradients on
                           its device and the actors reduce them among themselves (cluster/reduce.py: exact int64
                           partial sums for mean and weighted, coordinate blocks for median and trimmed_mean), so

@@ -19,6 +19,7 @@ import importlib
 import os
 import time
 import uuid
+import warnings
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -91,6 +92,11 @@ def _private(tree: Any) -> Any:
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
         return type(tree)(_private(v) for v in tree)
     return tree
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 def _to_cpu(tree: Any) -> Any:
@@ -363,7 +369,7 @@ class InnerLearner:
         t0 = time.perf_counter()
         tasks = [move(self.source.sample(k), self.device, self.dtype) for k in keys]
         try:
-            hgs = self.solver.hypergrad_batch(self.problem, x, tasks)
+            hgs = self._hypergrad_chunks(x, tasks)
         except NonFiniteError:
             return [self.run(x, k, mode, snapshot=snapshot, keep=keep) for k in keys]
         share = (time.perf_counter() - t0) / len(keys)
@@ -387,6 +393,27 @@ class InnerLearner:
     def batch_choice(self) -> dict[str, Any]:
         return self.__dict__.setdefault("_batch_choice", {})
 
+    def _hypergrad_chunks(self, x: Params, tasks: list) -> list:
+        """``solver.hypergrad_batch`` over ``tasks`` in chunks of at most ``batch_choice["max_tasks"]`` (all at
+        once until a batch has run out of memory). A chunk that runs out of device memory is halved and computed
+        again, down to one task (the loop), and the size that fitted is kept for this worker's later calls, so a
+        ``tasks_per_batch`` too large for the device costs one failed attempt, not the step."""
+        out: list = []
+        while len(out) < len(tasks):
+            size = min(self.batch_choice.get("max_tasks", len(tasks)), len(tasks) - len(out))
+            try:
+                out.extend(self.solver.hypergrad_batch(self.problem, x, tasks[len(out):len(out) + size]))
+            except RuntimeError as e:
+                if size == 1 or not _out_of_memory(e):
+                    raise
+                self.batch_choice["max_tasks"] = half = (size + 1) // 2
+                warnings.warn(f"worker {self.worker}: a batch of {size} tasks ran out of memory on {self.device} "
+                              f"({str(e).splitlines()[0][:120]}); computing at most {half} at once from now on",
+                              RuntimeWarning, stacklevel=2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return out
+
     def _choose_batching(self, x: Params, keys: list, snapshot: bool, keep: bool) -> list[dict[str, Any]]:
         """Times the loop and the batched call (twice: the first vmapped call traces) on these tasks; keeps the
         faster for this worker. Returns the loop's results, so the step is the loop's whatever is chosen."""
@@ -397,9 +424,9 @@ class InnerLearner:
             return results  # decide on a later, healthy step
         tasks = [move(self.source.sample(k), self.device, self.dtype) for k in keys]
         try:
-            self.solver.hypergrad_batch(self.problem, x, tasks)
+            self._hypergrad_chunks(x, tasks)
             t0 = time.perf_counter()
-            self.solver.hypergrad_batch(self.problem, x, tasks)
+            self._hypergrad_chunks(x, tasks)
             batched = (time.perf_counter() - t0) / len(keys)
         except NonFiniteError:
             return results

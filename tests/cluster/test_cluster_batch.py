@@ -89,6 +89,22 @@ def test_imaml_batched_cg_chunks_follow_the_loop_trajectory():
     assert runs[3][1] == runs[1][1] and len({v for row in runs[1][1] for v in row}) > 1  # tasks stopped apart
 
 
+@pytest.mark.parametrize("per_batch", [6, "auto"])
+def test_a_batch_that_runs_out_of_memory_is_halved_and_the_step_survives(loop_reference, per_batch):
+    """A device that holds 2 vmapped tasks: a chunk of 6 runs out of memory, is computed as 3 then 2 at a time,
+    said once, and the trajectory is the loop's; later calls start at the size that fitted."""
+    cfg = ClusterConfig(num_workers=1, metrics=False, tasks_per_batch=per_batch)
+    with InProcessPool(spec(solver="maml-device-limited", inner_steps=2, inner_lr=0.01), cfg) as p:
+        with pytest.warns(RuntimeWarning, match="ran out of memory") as caught:
+            x, losses = train(p)
+        choice = p._learner.batch_choice
+    assert choice["max_tasks"] == 2
+    said = [str(w.message).split("; ")[-1] for w in caught if "ran out of memory" in str(w.message)]
+    assert said == ["computing at most 3 at once from now on", "computing at most 2 at once from now on"]
+    assert rel(x, loop_reference[0]) < 1e-10
+    assert losses == pytest.approx(loop_reference[1], rel=1e-10)
+
+
 def test_a_nonfinite_task_in_a_batch_fails_the_step_cleanly():
     cfg = ClusterConfig(num_workers=1, metrics=False, tasks_per_batch=3)
     with InProcessPool(spec(PoisonedSource(SinusoidSource(dtype=torch.float64), bad=((0, 4),))), cfg) as p:
