@@ -131,11 +131,14 @@ def single_process(name: str, wl: dict, device, repeats: int) -> dict:
     def mean(hgs):
         return [sum(h.grad[k] for h in hgs) / len(hgs) for k in names]
 
+    def listed(hg):  # one call, then its gradient in key order (a comprehension around the call would repeat it)
+        return [hg.grad[k] for k in names]
+
     modes = {"metaray batched (vmap, per task)": lambda: mean(solver.hypergrad_batch(problem, x, tasks)),
-             "metaray batched (vmap, mean form)": lambda: [solver.hypergrad_mean(problem, x, tasks).grad[k] for k in names],
+             "metaray batched (vmap, mean form)": lambda: listed(solver.hypergrad_mean(problem, x, tasks)),
              "metaray loop": lambda: mean([solver.hypergrad(problem, x, t) for t in tasks]),
              # [run] precision = "bf16": the inner loss under bf16 autocast (its error against fp32 is reported)
-             "metaray batched bf16 (vmap, mean form)": lambda: [solver.hypergrad_mean(bf16, x, tasks).grad[k] for k in names]}
+             "metaray batched bf16 (vmap, mean form)": lambda: listed(solver.hypergrad_mean(bf16, x, tasks))}
     try:
         import learn2learn as l2l
 

@@ -100,20 +100,3 @@ class CrashOnceSource:
                 os._exit(1)
         return self.base.sample(key)
 
-
-from metaray.solvers import register  # noqa: E402
-from metaray.solvers.maml import MAML  # noqa: E402
-
-
-@register
-class DeviceLimitedMAML(MAML):
-    """MAML on a device whose memory holds at most ``LIMIT`` vmapped tasks: a larger batch raises the error
-    CUDA's allocator raises (no GPU here to run out of). Results are MAML's."""
-
-    name = "maml-device-limited"
-    LIMIT = 2
-
-    def hypergrad_batch(self, problem, x, tasks, states=None):
-        if len(tasks) > self.LIMIT:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(tasks)} tasks' graphs")
-        return super().hypergrad_batch(problem, x, tasks, states)

@@ -14,7 +14,10 @@ import torch
 
 from metaray.cluster import ClusterConfig, InProcessPool, NonFiniteStepError, WorkerPool, WorkerSpec
 from metaray.platform.config import ClusterSettings, ConfigError
+from metaray.solvers import base as solver_base
+from metaray.solvers import register
 from metaray.solvers.batched import BatchFallbackWarning
+from metaray.solvers.maml import MAML
 from metaray.tasks import ModelProblem, SinusoidSource, mlp
 
 from cluster_helpers import PoisonedSource
@@ -89,12 +92,33 @@ def test_imaml_batched_cg_chunks_follow_the_loop_trajectory():
     assert runs[3][1] == runs[1][1] and len({v for row in runs[1][1] for v in row}) > 1  # tasks stopped apart
 
 
+class DeviceLimitedMAML(MAML):
+    """MAML on a device whose memory holds at most 2 vmapped tasks: a larger batch raises the error CUDA's
+    allocator raises (there is no GPU here to run out of). Results are MAML's."""
+
+    name = "maml-device-limited"
+
+    def hypergrad_batch(self, problem, x, tasks, states=None):
+        if len(tasks) > 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(tasks)} tasks' graphs")
+        return super().hypergrad_batch(problem, x, tasks, states)
+
+
+@pytest.fixture
+def device_limited_maml():
+    """Registered for this test only (the in-process pool builds its solver by name): the registry-wide
+    batteries (tests/solvers/test_conformance.py) must not see a test double."""
+    register(DeviceLimitedMAML)
+    yield DeviceLimitedMAML.name
+    solver_base._REGISTRY.pop(DeviceLimitedMAML.name)
+
+
 @pytest.mark.parametrize("per_batch", [6, "auto"])
-def test_a_batch_that_runs_out_of_memory_is_halved_and_the_step_survives(loop_reference, per_batch):
+def test_a_batch_that_runs_out_of_memory_is_halved_and_the_step_survives(loop_reference, per_batch, device_limited_maml):
     """A device that holds 2 vmapped tasks: a chunk of 6 runs out of memory, is computed as 3 then 2 at a time,
     said once, and the trajectory is the loop's; later calls start at the size that fitted."""
     cfg = ClusterConfig(num_workers=1, metrics=False, tasks_per_batch=per_batch)
-    with InProcessPool(spec(solver="maml-device-limited", inner_steps=2, inner_lr=0.01), cfg) as p:
+    with InProcessPool(spec(solver=device_limited_maml, inner_steps=2, inner_lr=0.01), cfg) as p:
         with pytest.warns(RuntimeWarning, match="ran out of memory") as caught:
             x, losses = train(p)
         choice = p._learner.batch_choice
