@@ -321,7 +321,7 @@ class IFTNeumann(_IFT):
         o = self.options
         result = neumann_batched(matvec, b, alpha=self._alpha(), terms=o.neumann_terms, tol=o.neumann_tol,
                                  on_indefinite=o.on_indefinite)
-        for i in result.diverged.nonzero().flatten().tolist()[:1]:  # the loop's error, for the first such task
+        for i in result.diverged.nonzero().flatten().tolist():  # the loop's error, for the first task it refuses
             self._refuse_divergence(result.task(i))
         return result
 

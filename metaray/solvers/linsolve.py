@@ -232,7 +232,7 @@ class BatchSolveResult:
 
     def metrics(self, prefix: str = "linsolve_") -> dict[str, torch.Tensor]:
         """``SolveResult.metrics`` per system, as [B] tensors."""
-        last = self.residuals.gather(0, (self.lengths - 1).clamp(min=0).unsqueeze(0)).squeeze(0)
+        last = self.residuals[-1]  # a stopped system's later rows repeat its last residual
         return {
             f"{prefix}residual": last,
             f"{prefix}steps": self.steps.to(last.dtype),
@@ -359,7 +359,7 @@ def cg_batched(
         finite = torch.isfinite(rr_new)
         beta = torch.where(move & finite, rr_new / torch.where(rr == 0, torch.ones_like(rr), rr), torch.zeros_like(rr))
         p = _where(move & finite, _baxpy(r, p, beta), p)
-        rr = torch.where(move, rr_new, rr)
+        rr = rr_new
         live = move & finite & (history.last > tol)
     return _finish(q, history, steps, tol, curvature, torch.zeros_like(curvature.flag), on_indefinite)
 
@@ -385,7 +385,6 @@ def neumann_batched(
     steps = torch.zeros_like(b_norm, dtype=torch.long)
     curvature = _Curvature(b_norm)
     live = ~zero & (history.last > tol)
-    peak = history.last.clone()
     for _ in range(terms):
         if not bool(live.any()):
             break
@@ -396,7 +395,8 @@ def neumann_batched(
         total = _where(move, {k: total[k] + p[k] for k in p}, total)
         p = _where(move, {k: p[k] - alpha * Ap[k] for k in p}, p)
         history.append(torch.sqrt(bdot(p, p)) / safe_norm, move)
-        peak = torch.maximum(peak, torch.where(torch.isnan(history.last), torch.full_like(peak, math.inf), history.last))
         live = move & torch.isfinite(history.last) & (history.last > tol)
+    # as in ``neumann``: a residual above the start (padding rows repeat a system's last value, adding none)
+    peak = history.stacked().nan_to_num(nan=math.inf).amax(0)
     diverged = (peak > 1.0 + 1e-6) | ~torch.isfinite(history.last)
     return _finish(tscale(total, alpha), history, steps, tol, curvature, diverged, on_indefinite)
