@@ -17,6 +17,7 @@ AGGREGATIONS = ("mean", "weighted", "median", "trimmed_mean")
 LINEAR_AGGREGATIONS = ("mean", "weighted")  # reduced by an exact sum on the actors (reduce.py)
 REDUCTIONS = ("actors", "driver")
 SCHEDULINGS = ("dynamic", "static")
+COLLECTIVES = ("auto", "gloo", "nccl", "object_store")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -129,6 +130,14 @@ class ClusterConfig:
                           flight per actor); "static": task i of a step always goes to actor ``owner(key)``, as
                           stateful solvers always do (the owner holds the task's state). The reduction is exact
                           in any order, so which actor computed a task changes no bit of the result.
+    collective:           how the actors' reduction moves its blocks (``reduction = "actors"``): "gloo" a
+                          torch.distributed gloo group among the actors (CPU tensors), "nccl" an NCCL group
+                          (each actor must have a whole GPU of its own: NCCL refuses two ranks on one GPU),
+                          "object_store" Ray's object store, worker to worker; "auto" (default): nccl where
+                          every actor has a whole GPU, else the object store (on one node it is shared memory,
+                          which gloo's loopback TCP does not beat: docs/scaling.md). All give the same bits.
+    collective_timeout_s: how long a rank of the group waits for the others (joining, or in a collective)
+                          before the round is given up and run again; a rank that dies is noticed at once.
     """
 
     num_workers: int = 2
@@ -147,6 +156,8 @@ class ClusterConfig:
     tasks_per_batch: int | str = 1
     reduction: str = "actors"
     scheduling: str = "dynamic"
+    collective: str = "auto"
+    collective_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -185,9 +196,39 @@ class ClusterConfig:
             raise bad("reduction", f"one of {list(REDUCTIONS)}")
         if self.scheduling not in SCHEDULINGS:
             raise bad("scheduling", f"one of {list(SCHEDULINGS)}")
+        if self.collective not in COLLECTIVES:
+            raise bad("collective", f"one of {list(COLLECTIVES)}")
+        if self.collective == "nccl" and self.num_gpus_per_worker < 1:
+            raise ValueError(
+                "ClusterConfig.collective='nccl' needs a whole GPU per actor (num_gpus_per_worker >= 1, got "
+                f"{self.num_gpus_per_worker!r}): NCCL refuses two ranks on one GPU. Actors sharing a GPU use "
+                "collective='gloo' (or 'auto', which picks it)")
+        t = self.collective_timeout_s
+        if not _is_number(t) or not (0 < t < math.inf):
+            raise bad("collective_timeout_s", "a number of seconds > 0")
+
+
+def collective_backend(spec: WorkerSpec, config: ClusterConfig) -> str | None:
+    """The process group's backend for the actors' reduction ("gloo" or "nccl"), None for the object store."""
+    if config.collective == "object_store":
+        return None
+    if config.collective == "auto":
+        import torch
+
+        whole_gpu = config.num_gpus_per_worker >= 1 and spec.device != "cpu" and torch.distributed.is_available()
+        return "nccl" if whole_gpu else None
+    import torch
+
+    if not torch.distributed.is_available():
+        raise ValueError(f"ClusterConfig.collective={config.collective!r} needs torch.distributed, which this torch "
+                         "build lacks; use collective='object_store'")
+    return config.collective
 
 
 def check_spec_for_config(spec: WorkerSpec, config: ClusterConfig) -> None:
     """Cross checks between what the actors must build and the resources they get."""
     if spec.device == "cuda" and config.num_gpus_per_worker == 0:
         raise ValueError("WorkerSpec.device='cuda' needs ClusterConfig.num_gpus_per_worker > 0 (or use device='auto')")
+    if config.collective == "nccl" and spec.device == "cpu":
+        raise ValueError("ClusterConfig.collective='nccl' reduces on the GPUs, but WorkerSpec.device='cpu'; "
+                         "use collective='gloo' (or 'auto') for CPU actors")

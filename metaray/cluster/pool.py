@@ -38,10 +38,11 @@ from ..solvers import get as get_solver
 from ..solvers.core import Params, check_params, check_same_keys, tnorm
 from ..tasks.base import check_key
 from .aggregate import aggregate
-from .config import ClusterConfig, WorkerSpec, check_spec_for_config
+from .config import ClusterConfig, WorkerSpec, check_spec_for_config, collective_backend
 from .collective import reduce_on_actors
 from .dispatch import StepDispatch, chunks
 from .errors import NonFiniteStepError, PlacementTimeoutError, PoolError  # noqa: F401  (public here too)
+from .group import GroupState
 from .worker import InnerLearner, TaskId, owner, task_id
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -519,6 +520,10 @@ class WorkerPool(_PoolBase):
         self._incarnation: list[str | None] = [None] * config.num_workers
         self._replacements = [0] * config.num_workers
         self.pids: list[int] = [0] * config.num_workers
+        # the reduction's transport (collective.py): a process group among the actors, built at the first
+        # reduction, or None for Ray's object store
+        backend = collective_backend(spec, config)
+        self._group = GroupState(backend, config.collective_timeout_s) if backend else None
         try:
             self._pg = self._place()
             for i in range(config.num_workers):
@@ -619,10 +624,13 @@ class WorkerPool(_PoolBase):
         return out
 
     def _note_incarnation(self, w: int, incarnation: str) -> int:
-        """1 if worker w is a new process since we last heard from it (restart or replacement), else 0."""
+        """1 if worker w is a new process since we last heard from it (restart or replacement), else 0. A new
+        process is in no process group: the next reduction builds a new one."""
         if incarnation != self._incarnation[w]:
             self._incarnation[w] = incarnation
             self._events.append(f"worker {w} restarted (new process)")
+            if self._group is not None:
+                self._group.stale = True
             return 1
         return 0
 
@@ -753,5 +761,7 @@ class WorkerPool(_PoolBase):
                 remove_placement_group(self._pg)
             except Exception:  # noqa: BLE001
                 pass
+        if getattr(self, "_group", None) is not None:
+            self._group.close()
         if getattr(self, "_owns_ray", False):
             ray.shutdown()

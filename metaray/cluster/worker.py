@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..solvers import make, memory
 from ..solvers.core import NonFiniteError, Params, check_grad_finite, check_same_keys
 from ..tasks.precision import check_precision, with_precision
-from . import reduce
+from . import group, reduce
 from .config import WorkerSpec
 
 TaskId = tuple[str, int]
@@ -162,6 +162,8 @@ class InnerLearner:
         self._x_id: Any = None
         self._x: Params | None = None
         self._kept: dict[Any, Params] = {}  # this step's task gradients, kept here for the reduction (slice_kept)
+        self._group: Any = None  # this process's rank in the pool's process group (join_group), if any
+        self._group_generation, self._group_backend = -1, "gloo"
         self.cancelled = 0  # calls that stopped early because the driver cancelled them (a straggler's losing copy)
         self._bar = None
         if progress:
@@ -231,32 +233,37 @@ class InnerLearner:
         restarted since computing them) and this process's incarnation."""
         return {"missing": [key for key in keys if key not in self._kept], "incarnation": self.incarnation}
 
+    def _share(self, keys: list, coefs: list[float] | None, exps: Mapping[str, int] | None) -> Tensor:
+        """This worker's share of a reduction, flattened in x's key order: with ``coefs`` and ``exps`` (mean,
+        weighted) its exact partial sum Σ_i round(c_i g_i 2^e) as one int64 vector [d] (reduce.py); without
+        (median, trimmed_mean) its tasks' gradients stacked to [len(keys), d]. No keys: zeros, or no rows."""
+        d = sum(v.numel() for v in self._x.values())
+        if coefs is None:
+            if not keys:
+                return torch.empty(0, d, dtype=self.dtype, device=self.device)
+            return torch.stack([torch.cat([self._kept[key][k].reshape(-1) for k in self._x]) for key in keys])
+        # encoded straight into one flat int64 buffer: its blocks are views, no copies
+        flat = torch.zeros(d, dtype=torch.int64, device=self.device)
+        views, offset = {}, 0
+        for k, v in self._x.items():
+            views[k] = flat[offset : offset + v.numel()].view(v.shape)
+            offset += v.numel()
+        for key, c in zip(keys, coefs):
+            reduce.encode_into(views, self._kept[key], c, exps)
+        return flat
+
     def slice_kept(self, keys: list, ranks: int, coefs: list[float] | None = None,
                    exps: Mapping[str, int] | None = None) -> tuple:
-        """(status, block_0, ..., block_{ranks-1}): this worker's share of a reduction sharded by coordinate. The
-        kept gradients of ``keys`` are flattened in x's key order and cut into ``ranks`` contiguous blocks of
-        coordinates (``reduce.blocks``); block r goes to the worker that combines coordinates r.
-
-        With ``coefs`` and ``exps`` (mean, weighted): the blocks of this worker's exact partial sum
-        Σ_i round(c_i g_i 2^e) in int64 (reduce.py), for ``sum_slice``. Without (median, trimmed_mean): the
-        blocks of the gradients stacked to [len(keys), d], for ``robust_slice``.
+        """(status, block_0, ..., block_{ranks-1}): this worker's share (``_share``) cut into ``ranks``
+        contiguous blocks of coordinates (``reduce.blocks``); block r goes to the worker that combines
+        coordinates r (``sum_slice`` for mean and weighted, ``robust_slice`` for median and trimmed_mean).
 
         Keys not kept here (the process was restarted since) are listed in status["missing"], and no block is
         made. The kept gradients stay until the next step's x arrives, so a failed reduction can run again."""
         status = self._kept_status(keys)
         if status["missing"]:
             return (status, *[None] * ranks)
-        if coefs is None:
-            flat = torch.stack([torch.cat([self._kept[key][k].reshape(-1) for k in self._x]) for key in keys])
-        else:  # the partial sum is encoded straight into one flat int64 buffer: its blocks are views, no copies
-            d = sum(v.numel() for v in self._x.values())
-            flat = torch.zeros(d, dtype=torch.int64, device=self.device)
-            views, offset = {}, 0
-            for k, v in self._x.items():
-                views[k] = flat[offset : offset + v.numel()].view(v.shape)
-                offset += v.numel()
-            for key, c in zip(keys, coefs):
-                reduce.encode_into(views, self._kept[key], c, exps)
+        flat = self._share(keys, coefs, exps)
         cut = [flat[..., a:b].contiguous() for a, b in reduce.blocks(flat.shape[-1], ranks)]
         return (status, *[_to_cpu(c) for c in cut])
 
@@ -272,6 +279,61 @@ class InnerLearner:
     def robust_slice(self, rule: str, trim_fraction: float, *blocks: Tensor) -> Tensor:
         """One column block of the robust rule: ``blocks`` are every worker's rows of it (fetched here)."""
         return _to_cpu(reduce.robust(torch.cat([b.to(self.device) for b in blocks]), rule, trim_fraction))
+
+    # ---- the reduction through a process group (cluster/group.py) ---------------------------------------
+
+    def join_group(self, host: str, port: int, generation: int, rank: int, world: int, backend: str,
+                   timeout_s: float) -> str:
+        """Joins generation ``generation`` of the pool's process group as ``rank`` (every rank must call this
+        at once); returns this process's incarnation."""
+        node_ip = self._node_ip()
+        self._group = None  # the previous generation's group, if any, is never used again
+        self._group = group.join(host, port, generation, rank, world, backend, node_ip, timeout_s)
+        self._group_generation, self._group_backend = generation, backend
+        return self.incarnation
+
+    def reduce_in_group(self, generation: int, keys: list, counts: list[int], coefs: list[float] | None,
+                        exps: Mapping[str, int] | None, rule: str, trim_fraction: float) -> tuple[dict, Tensor | None]:
+        """(status, block): this rank's coordinate block of the step's reduced gradient, through the group.
+
+        Every rank of the group calls this at once. ``keys`` are the tasks whose gradients this worker kept,
+        ``counts`` the number of tasks of every rank; ``coefs``/``exps`` as for ``slice_kept`` (None: the
+        robust ``rule``). status["missing"]: keys this process does not hold; status["error"]: why no block
+        came (not in this generation, a rank not ready, the collective failed); the driver then rebuilds the
+        group and runs the round again."""
+        status = self._kept_status(keys)
+        g = self._group
+        if g is None or self._group_generation != generation:
+            return {**status, "error": f"not in generation {generation} of the group"}, None
+        rank, world = g.rank(), g.size()
+        on = self.device if self._group_backend == "nccl" else torch.device("cpu")
+        try:
+            if not group.all_ready(g, not status["missing"], on):
+                return {**status, "error": "a rank lacks gradients it computed"}, None
+            share = self._share(keys, coefs, exps).to(on)
+            d = share.shape[-1]
+            cuts = reduce.blocks(d, world)
+            width = [b - a for a, b in cuts]
+            rows = share.shape[0] if coefs is None else 1  # one row: the int64 partial sum
+            # a piece per rank, in rank order: the int64 partial's blocks are already that (contiguous ranges)
+            send = share if coefs is not None else torch.cat([share[:, a:b].reshape(-1) for a, b in cuts])
+            recv = group.all_to_all(g, send, [rows * w for w in width],
+                                    [(n if coefs is None else 1) * width[rank] for n in counts])
+            # every rank's rows of block `rank`, in rank order
+            mine = recv.view(sum(counts) if coefs is None else world, width[rank])
+            if coefs is None:
+                block = reduce.robust(mine.to(self.device), rule, trim_fraction)
+            else:
+                sizes = {k: v.numel() for k, v in self._x.items()}
+                block = reduce.decode_flat(mine.sum(dim=0), cuts[rank][0], sizes, exps, self.dtype)
+        except RuntimeError as e:  # a rank died or hung: this generation is broken
+            self._group = None
+            return {**status, "error": f"the collective failed: {str(e).splitlines()[0][:300]}"}, None
+        return status, _to_cpu(block)
+
+    def _node_ip(self) -> str:
+        """The address other ranks reach this process at (a Ray actor: its node's IP)."""
+        return "127.0.0.1"
 
     # ---- one task ----------------------------------------------------------------------------------------
 
@@ -481,6 +543,11 @@ class RayInnerLearner(InnerLearner):
         import ray
 
         return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def _node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
 
     def _cancelled(self) -> bool:
         import ray

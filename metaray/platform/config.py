@@ -233,6 +233,11 @@ class ClusterSettings(_Section):
     scheduling: str = _setting(
         "dynamic", "'dynamic': a stateless solver's next task goes to whichever actor is free; 'static': task i to "
         "actor owner(key) (same result)", choices=("dynamic", "static"))
+    collective: str = _setting(
+        "auto", "how the actors' reduction moves its blocks: 'gloo' or 'nccl' (a torch.distributed group among the "
+        "actors), 'object_store' (Ray's); 'auto': nccl where every actor has a whole GPU, else the object store "
+        "(same result)", choices=("auto", "gloo", "nccl", "object_store"))
+    collective_timeout_s: float = _setting(120.0, "seconds a rank of the actors' group waits for the others", _positive)
 
     def cluster_config(self):
         from ..cluster.config import ClusterConfig

@@ -111,3 +111,42 @@ def test_two_actors_share_one_gpu_and_match_the_cpu():
         ray.shutdown()
     for k in ref:
         torch.testing.assert_close(x[k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_reduction_through_nccl_and_gloo_groups_on_the_gpu_gives_the_object_store_bits():
+    """One actor with a whole GPU: collective 'auto' picks NCCL (a group of one rank: NCCL refuses two ranks on
+    one GPU, and this machine has one); two actors sharing the GPU reduce through gloo. Both give the bits of
+    the object-store transport on the same devices, and stay close to the CPU pool."""
+    import ray
+
+    spec = WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver="fomaml",
+                      solver_options={"inner_steps": 2, "inner_lr": 0.01}, source=SinusoidSource(dtype=D), dtype="float64")
+    torch.manual_seed(0)
+    x0 = {k: v.detach().double() for k, v in mlp([1, 40, 40, 1]).named_parameters()}
+
+    def train(pool):
+        x = dict(x0)
+        for s in range(3):
+            r = pool.step(x, [("train", s, i) for i in range(5)])
+            x = {k: x[k] - 0.01 * r.grad[k] for k in x}
+        return x
+
+    with InProcessPool(spec) as p:
+        ref = train(p)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+    runs = {}
+    try:
+        for name, n, gpus, collective in [("nccl", 1, 1, "auto"), ("store-1", 1, 1, "object_store"),
+                                          ("gloo", 2, 0.5, "gloo"), ("store-2", 2, 0.5, "object_store")]:
+            cfg = ClusterConfig(num_workers=n, num_cpus_per_worker=0.5, num_gpus_per_worker=gpus, metrics=False,
+                                collective=collective)
+            with WorkerPool(spec, cfg, f"gpu-{name}") as pool:
+                runs[name] = train(pool)
+                assert (pool._group.backend if pool._group else None) == {"nccl": "nccl", "gloo": "gloo"}.get(name)
+    finally:
+        ray.shutdown()
+    for a, b in [("nccl", "store-1"), ("gloo", "store-2")]:
+        for k in ref:
+            assert torch.equal(runs[a][k], runs[b][k]), (a, k)
+    for k in ref:
+        torch.testing.assert_close(runs["nccl"][k], ref[k], rtol=1e-9, atol=1e-12)

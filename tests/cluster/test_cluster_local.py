@@ -87,6 +87,10 @@ def test_aggregate_rejects_bad_input():
         ({"max_restarts": -1}, "max_restarts"),
         ({"placement_timeout_s": float("inf")}, "placement_timeout_s"),
         ({"metrics": "yes"}, "a bool"),
+        ({"collective": "mpi"}, "one of .*'gloo', 'nccl', 'object_store'"),
+        ({"collective": "nccl"}, "needs a whole GPU per actor.*NCCL refuses two ranks on one GPU"),
+        ({"collective": "nccl", "num_gpus_per_worker": 0.5}, "collective='gloo'"),
+        ({"collective_timeout_s": 0}, "collective_timeout_s"),
     ],
 )
 def test_cluster_config_errors_name_the_field_and_what_is_valid(kwargs, match):
@@ -112,6 +116,8 @@ def test_worker_spec_errors():
         _sine_spec(dtype="half")
     with pytest.raises(ValueError, match="num_gpus_per_worker > 0"):
         InProcessPool(_sine_spec(device="cuda"), ClusterConfig(num_gpus_per_worker=0))
+    with pytest.raises(ValueError, match="collective='nccl' reduces on the GPUs, but WorkerSpec.device='cpu'"):
+        InProcessPool(_sine_spec(device="cpu"), ClusterConfig(num_gpus_per_worker=1, collective="nccl"))
     with pytest.raises(ValueError, match="unknown solver 'mamll'.*did you mean 'maml'"):
         InProcessPool(_sine_spec(solver="mamll"))
     with pytest.raises(ValueError, match="unknown option"):

@@ -237,6 +237,58 @@ def test_stateful_fsla_is_bit_identical_for_one_to_four_actors(metrics_port, one
             assert torch.equal(x[k], ref[k]), (n, k, float((x[k] - ref[k]).abs().max()))
 
 
+class KillInsideCollective(WorkerPool):
+    """On step 1, worker 1 is held busy for 3 s (a call queued ahead of its reduction) while worker 0 enters the
+    group's collective and waits for it there; worker 1 is killed (SIGKILL) 1 s in."""
+
+    def _reduce_on_actors(self, x, keys, results, weights):
+        if keys[0][1] == 1:
+            self.held = self._actors[1].__ray_call__.remote(lambda actor: time.sleep(3.0))
+            threading.Timer(1.0, os.kill, (self.pids[1], signal.SIGKILL)).start()
+        return super()._reduce_on_actors(x, keys, results, weights)
+
+
+def test_reduction_through_a_gloo_group_is_bit_identical_and_survives_kills(metrics_port, one_thread):
+    """collective="gloo": the actors' blocks travel in one all-to-all of a torch.distributed gloo group among
+    them. 7 tasks a step (uneven splits), float32: the outer params after 3 steps are the in-process pool's bits
+    for 1, 2 and 4 actors, for the median (3 actors), after an actor is killed between computing its tasks and
+    the reduction, and after an actor is killed while the other waits inside the collective. Each kill builds a
+    second generation of the group, and the driver still receives one gradient a step."""
+    x0 = {k: v.float() for k, v in sine_x0().items()}
+    with InProcessPool(fomaml32_spec()) as p:
+        ref = train(p, x0, 3, tasks=7)[0]
+    cfg = functools.partial(ClusterConfig, num_cpus_per_worker=0.5, metrics=False, collective="gloo")
+    runs, builds = {}, {}
+    for name, n, pool_class in [(1, 1, WorkerPool), (2, 2, WorkerPool), (4, 4, WorkerPool),
+                                ("killed before", 2, KillDuringReduction), ("killed inside", 2, KillInsideCollective)]:
+        with pool_class(fomaml32_spec(), cfg(num_workers=n), f"gloo-{name}".replace(" ", "-")) as pool:
+            assert pool._group is not None and pool._group.backend == "gloo"
+            runs[name] = train(pool, x0, 3, tasks=7)
+            builds[name] = pool._group.builds
+    d = sum(v.numel() for v in x0.values())
+    for name, (x, results) in runs.items():
+        for k in ref:
+            assert torch.equal(x[k], ref[k]), (name, k, float((x[k] - ref[k]).abs().max()))
+        assert all(r.metrics["pool_grad_bytes_to_driver"] == 4 * d for r in results), name
+    assert builds == {1: 1, 2: 1, 4: 1, "killed before": 2, "killed inside": 2}
+    for name in ("killed before", "killed inside"):
+        step1 = runs[name][1][1]
+        assert step1.restarts == 1, (name, step1.events)
+        assert step1.retries == sum(t["worker"] == 1 for t in step1.per_task) >= 2, (name, step1.events)
+        assert any("group rebuilt" in e for e in step1.events), (name, step1.events)
+    # worker 0 was inside the collective when its peer died: its call failed there (at once, not at the timeout)
+    inside = runs["killed inside"][1][1]
+    assert any(e.startswith("worker 0: the collective failed") for e in inside.events), inside.events
+    assert inside.seconds < 60, inside.seconds
+    with InProcessPool(fomaml32_spec(), cfg(num_workers=1, aggregation="median")) as p:
+        med_ref = train(p, x0, 2, tasks=7)[0]
+    with WorkerPool(fomaml32_spec(), cfg(num_workers=3, aggregation="median"), "gloo-median") as pool:
+        med = train(pool, x0, 2, tasks=7)[0]
+    for k in ref:
+        assert torch.equal(med[k], med_ref[k]), k
+    assert not all(torch.equal(med[k], ref[k]) for k in ref)
+
+
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
 def test_robust_rules_sharded_by_coordinate_on_the_actors(metrics_port, one_thread, rule):
     """median and trimmed_mean computed by the actors on column blocks of all tasks' gradients (2, 3, 4 actors)
