@@ -8,7 +8,8 @@ in interleaved rounds (this machine is shared: only ratios measured in one run m
   threads: the ceiling of what the actors can add on this machine);
 - 1 and 2 Ray actors with ``reduction="driver"`` (every task's gradient goes to the driver, as before #17);
 - 1 and 2 Ray actors with ``reduction="actors"`` (exact int64 partial sums reduced among the actors; the driver
-  receives one gradient);
+  receives one gradient), the blocks moved through Ray's object store (the CPU default), and 2 actors with
+  ``collective="gloo"`` (a torch.distributed gloo group among them);
 - the coordinate-wise median (1.0M params only): in one process, gathered in the driver, and sharded by
   coordinate among 2 actors.
 
@@ -55,12 +56,13 @@ def build(quick: bool, img_dir: Path) -> dict:
         for hidden in sizes:
             s, x = spec(hidden)
             d = sum(v.numel() for v in x.values())
-            cfg = lambda n, red, rule="mean": ClusterConfig(num_workers=n, num_cpus_per_worker=0.125, metrics=False,  # noqa: E731
-                                                            reduction=red, aggregation=rule)
+            cfg = lambda n, red, rule="mean", coll="auto": ClusterConfig(  # noqa: E731
+                num_workers=n, num_cpus_per_worker=0.125, metrics=False, reduction=red, aggregation=rule, collective=coll)
             pools = {"one process": InProcessPool(s), "one process, 2 torch threads": InProcessPool(s)}
             for n in (1, 2):
                 for red in ("driver", "actors"):
                     pools[f"{n} actor{'s' if n > 1 else ''}, reduction={red}"] = WorkerPool(s, cfg(n, red), f"so-{hidden}-{n}-{red}")
+            pools["2 actors, reduction=actors, gloo"] = WorkerPool(s, cfg(2, "actors", coll="gloo"), f"so-{hidden}-gloo")
             if hidden == sizes[0]:  # the coordinate-wise median: gathered and sorted in the driver, or sharded
                 pools["one process, median"] = InProcessPool(s, cfg(1, "driver", "median"))
                 for red in ("driver", "actors"):

@@ -33,6 +33,8 @@ from metaray.cluster import reduce as fixed  # noqa: E402
 from metaray.tasks import ModelProblem, SinusoidSource, mlp  # noqa: E402
 
 NODES, CPUS_PER_NODE, TASKS = 4, 4, 16
+# (reduction, collective): through the driver; among the actors through Ray's object store; through a gloo group
+PATHS = [("driver", "object_store"), ("actors", "object_store"), ("actors", "gloo")]
 
 
 def spec(hidden: int) -> tuple[WorkerSpec, dict]:
@@ -94,12 +96,12 @@ def object_store_copy(ray, cluster, nbytes: int) -> float:
     return statistics.median(ts)
 
 
-def build(quick: bool, img_dir: Path) -> dict:
+def build(quick: bool, img_dir: Path, workers: tuple[int, ...] | None = None) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
     hidden = 1000 if quick else 3162
-    workers = (1, 2, 4) if quick else (1, 2, 4, 8, 16)
+    workers = workers or ((1, 2, 4) if quick else (1, 2, 4, 8, 16))
     steps = 2 if quick else 3
     s, x = spec(hidden)
     d = sum(v.numel() for v in x.values())
@@ -115,10 +117,12 @@ def build(quick: bool, img_dir: Path) -> dict:
         consts["object_store_copy_s_per_byte"] = object_store_copy(ray, cluster, int(consts["bytes_per_task_gradient"])) \
             / consts["bytes_per_task_gradient"]
         for n in workers:
-            for red in ("driver", "actors"):
+            for red, collective in PATHS:
                 cfg = ClusterConfig(num_workers=n, num_cpus_per_worker=1, strategy="SPREAD", metrics=False,
-                                    reduction=red, placement_timeout_s=120)
-                with WorkerPool(s, cfg, f"sim-{n}-{red}") as pool:
+                                    reduction=red, collective=collective, placement_timeout_s=120)
+                if red == "actors":
+                    red = f"actors, {collective.replace('_', ' ')}"
+                with WorkerPool(s, cfg, f"sim-{n}-{collective}-{red[:6]}") as pool:
                     nodes = len({i["node_id"] for i in pool.worker_info.values()})
                     pool.step(x, [("train", 0, i) for i in range(TASKS)])  # warm-up
                     times, reduce_s, compute_s = [], [], []
@@ -150,7 +154,7 @@ def build(quick: bool, img_dir: Path) -> dict:
                   "2 real cores, actors SPREAD, one thread each; median of "
                   f"{steps} steps after a warm-up. Compute is oversubscribed above 2 actors: read the bytes and the "
                   "reduction's time, not the speed-up. The constants feed docs/scaling.md."),
-        "tables": [table("per step", ["actors W", "nodes used", "reduction", "step ms", "reduction ms",
+        "tables": [table("per step", ["actors W", "nodes used", "path", "step ms", "reduction ms",
                                       "busiest actor's compute ms", "MiB to the driver", "bit-identical to W=1"], rows),
                    table("measured constants (one core)", ["constant", "value"], crow)],
         "plots": [],

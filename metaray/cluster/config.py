@@ -18,6 +18,10 @@ LINEAR_AGGREGATIONS = ("mean", "weighted")  # reduced by an exact sum on the act
 REDUCTIONS = ("actors", "driver")
 SCHEDULINGS = ("dynamic", "static")
 COLLECTIVES = ("auto", "gloo", "nccl", "object_store")
+# collective="auto" on CPUs: gloo from this many actors on. Measured in benchmarks/scale_sim.py (4 Ray nodes,
+# d = 10M): the object store's reduction took 0.56 s at 2 actors against gloo's 0.81 s, and 1.44 / 3.43 s at 8 / 16
+# actors against gloo's 1.00 / 1.84 s.
+GLOO_FROM_WORKERS = 8
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -134,8 +138,10 @@ class ClusterConfig:
                           torch.distributed gloo group among the actors (CPU tensors), "nccl" an NCCL group
                           (each actor must have a whole GPU of its own: NCCL refuses two ranks on one GPU),
                           "object_store" Ray's object store, worker to worker; "auto" (default): nccl where
-                          every actor has a whole GPU, else the object store (on one node it is shared memory,
-                          which gloo's loopback TCP does not beat: docs/scaling.md). All give the same bits.
+                          every actor has a whole GPU; else gloo from GLOO_FROM_WORKERS actors on, and the
+                          object store below (it moves W² block objects a step, gloo one all-to-all, but on one
+                          node it is shared memory, which gloo's TCP does not beat: docs/scaling.md). All give
+                          the same bits.
     collective_timeout_s: how long a rank of the group waits for the others (joining, or in a collective)
                           before the round is given up and run again; a rank that dies is noticed at once.
     """
@@ -202,7 +208,7 @@ class ClusterConfig:
             raise ValueError(
                 "ClusterConfig.collective='nccl' needs a whole GPU per actor (num_gpus_per_worker >= 1, got "
                 f"{self.num_gpus_per_worker!r}): NCCL refuses two ranks on one GPU. Actors sharing a GPU use "
-                "collective='gloo' (or 'auto', which picks it)")
+                "collective='gloo' or 'object_store'")
         t = self.collective_timeout_s
         if not _is_number(t) or not (0 < t < math.inf):
             raise bad("collective_timeout_s", "a number of seconds > 0")
@@ -210,16 +216,16 @@ class ClusterConfig:
 
 def collective_backend(spec: WorkerSpec, config: ClusterConfig) -> str | None:
     """The process group's backend for the actors' reduction ("gloo" or "nccl"), None for the object store."""
-    if config.collective == "object_store":
-        return None
-    if config.collective == "auto":
-        import torch
-
-        whole_gpu = config.num_gpus_per_worker >= 1 and spec.device != "cpu" and torch.distributed.is_available()
-        return "nccl" if whole_gpu else None
     import torch
 
-    if not torch.distributed.is_available():
+    have = torch.distributed.is_available()
+    if config.collective == "auto":
+        if have and config.num_gpus_per_worker >= 1 and spec.device != "cpu":
+            return "nccl"
+        return "gloo" if have and config.num_workers >= GLOO_FROM_WORKERS else None
+    if config.collective == "object_store":
+        return None
+    if not have:
         raise ValueError(f"ClusterConfig.collective={config.collective!r} needs torch.distributed, which this torch "
                          "build lacks; use collective='object_store'")
     return config.collective

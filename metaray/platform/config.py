@@ -235,8 +235,8 @@ class ClusterSettings(_Section):
         "actor owner(key) (same result)", choices=("dynamic", "static"))
     collective: str = _setting(
         "auto", "how the actors' reduction moves its blocks: 'gloo' or 'nccl' (a torch.distributed group among the "
-        "actors), 'object_store' (Ray's); 'auto': nccl where every actor has a whole GPU, else the object store "
-        "(same result)", choices=("auto", "gloo", "nccl", "object_store"))
+        "actors), 'object_store' (Ray's); 'auto': nccl where every actor has a whole GPU, else gloo from 8 actors "
+        "on and the object store below (same result)", choices=("auto", "gloo", "nccl", "object_store"))
     collective_timeout_s: float = _setting(120.0, "seconds a rank of the actors' group waits for the others", _positive)
 
     def cluster_config(self):
