@@ -84,10 +84,9 @@ def _to_task(task):
                                         if isinstance(getattr(task, f.name), torch.Tensor)})
 
 
-def test_two_actors_share_one_gpu_and_match_the_cpu():
-    import ray
-
-    spec = WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver="maml",
+def _sine_training(solver: str, tasks: int):
+    """(spec, train): a float64 sinusoid MLP spec, and 3 outer SGD steps of ``tasks`` tasks on a pool."""
+    spec = WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver=solver,
                       solver_options={"inner_steps": 2, "inner_lr": 0.01}, source=SinusoidSource(dtype=D), dtype="float64")
     torch.manual_seed(0)
     x0 = {k: v.detach().double() for k, v in mlp([1, 40, 40, 1]).named_parameters()}
@@ -95,10 +94,17 @@ def test_two_actors_share_one_gpu_and_match_the_cpu():
     def train(pool):
         x = dict(x0)
         for s in range(3):
-            r = pool.step(x, [("train", s, i) for i in range(4)])
+            r = pool.step(x, [("train", s, i) for i in range(tasks)])
             x = {k: x[k] - 0.01 * r.grad[k] for k in x}
         return x
 
+    return spec, train
+
+
+def test_two_actors_share_one_gpu_and_match_the_cpu():
+    import ray
+
+    spec, train = _sine_training("maml", 4)
     with InProcessPool(spec) as p:
         ref = train(p)
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
@@ -119,18 +125,7 @@ def test_reduction_through_nccl_and_gloo_groups_on_the_gpu_gives_the_object_stor
     the object-store transport on the same devices, and stay close to the CPU pool."""
     import ray
 
-    spec = WorkerSpec(problem=functools.partial(ModelProblem, mlp([1, 40, 40, 1]), "mse"), solver="fomaml",
-                      solver_options={"inner_steps": 2, "inner_lr": 0.01}, source=SinusoidSource(dtype=D), dtype="float64")
-    torch.manual_seed(0)
-    x0 = {k: v.detach().double() for k, v in mlp([1, 40, 40, 1]).named_parameters()}
-
-    def train(pool):
-        x = dict(x0)
-        for s in range(3):
-            r = pool.step(x, [("train", s, i) for i in range(5)])
-            x = {k: x[k] - 0.01 * r.grad[k] for k in x}
-        return x
-
+    spec, train = _sine_training("fomaml", 5)
     with InProcessPool(spec) as p:
         ref = train(p)
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
