@@ -45,10 +45,10 @@ def spec(hidden: int) -> tuple[WorkerSpec, dict]:
     return s, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def build(quick: bool, img_dir: Path) -> dict:
+def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
     import ray
 
-    sizes = [1000] if quick else [1000, 3162, 5477]  # d = 1.0M, 10.0M, 30.0M
+    sizes = sizes or ([1000] if quick else [1000, 3162, 5477])  # hidden width H: d = 1.0M, 10.0M, 30.0M
     rounds_of = lambda hidden: 2 if quick else (5 if hidden <= 1000 else 3)  # noqa: E731
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows, data, notes = [], {}, []

@@ -48,6 +48,17 @@ if TYPE_CHECKING:
     from .pool import WorkerPool
 
 
+# The actors' concurrency group for the reduction's calls: its own thread, so a reduction never waits behind a
+# straggler's losing copy still running on the actor's main thread (dispatch.py); the main thread keeps running
+# the task calls one at a time, in submission order.
+REDUCE = "reduce"
+
+
+def _reducing(method: Any) -> Any:
+    """An actor method, called on the actor's reduction thread."""
+    return method.options(concurrency_group=REDUCE)
+
+
 class _NoGroup(Exception):
     """The first build of an automatically chosen process group failed (the object store is used instead)."""
 
@@ -91,13 +102,14 @@ def _through_object_store(pool: WorkerPool, like: dict, keys: list[tuple], mine:
 
     def submit(w: int) -> list:
         args = ([keys[i] for i in mine[w]], len(ranks)) + (([coefs[i] for i in mine[w]], exps) if coefs else ())
-        return actors[w].slice_kept.options(num_returns=1 + len(ranks)).remote(*args)
+        return actors[w].slice_kept.options(num_returns=1 + len(ranks), concurrency_group=REDUCE).remote(*args)
 
     def finish(parts: dict[int, list]) -> Params:
         if coefs:
-            refs = [actors[w].sum_slice.remote(exps, starts[r], *[parts[v][r] for v in ranks]) for r, w in enumerate(ranks)]
+            refs = [_reducing(actors[w].sum_slice).remote(exps, starts[r], *[parts[v][r] for v in ranks])
+                    for r, w in enumerate(ranks)]
         else:
-            refs = [actors[w].robust_slice.remote(c.aggregation, c.trim_fraction, *[parts[v][r] for v in ranks])
+            refs = [_reducing(actors[w].robust_slice).remote(c.aggregation, c.trim_fraction, *[parts[v][r] for v in ranks])
                     for r, w in enumerate(ranks)]
         return unflatten(torch.cat(ray.get(refs)), like)
 
@@ -116,7 +128,7 @@ def _through_group(pool: WorkerPool, like: dict, keys: list[tuple], mine: dict[i
     restarts = retries = 0
     for _ in range(1 + 2 * pool.num_workers * max(1, c.max_restarts)):
         restarts += _ensure_group(pool)
-        calls = {w: actors[w].reduce_in_group.remote(
+        calls = {w: _reducing(actors[w].reduce_in_group).remote(
             state.generation, [keys[i] for i in mine.get(w, [])], counts,
             None if coefs is None else [coefs[i] for i in mine.get(w, [])], exps, c.aggregation, c.trim_fraction)
             for w in range(pool.num_workers)}
@@ -154,7 +166,7 @@ def _ensure_group(pool: WorkerPool) -> int:
             return restarts
         host, port = state.address(ray.util.get_node_ip_address())
         state.generation += 1
-        refs = [a.join_group.remote(host, port, state.generation, rank, pool.num_workers, state.backend, state.timeout_s)
+        refs = [_reducing(a.join_group).remote(host, port, state.generation, rank, pool.num_workers, state.backend, state.timeout_s)
                 for rank, a in enumerate(pool._actors)]
         try:
             for w, ref in enumerate(refs):

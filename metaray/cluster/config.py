@@ -128,7 +128,7 @@ class ClusterConfig:
                           its device and the actors reduce them among themselves (cluster/reduce.py: exact int64
                           partial sums for mean and weighted, coordinate blocks for median and trimmed_mean), so
                           the driver receives one gradient; "driver": every task's gradient goes to the driver,
-                          which aggregates them (what stateful solvers and straggler re-dispatch always do).
+                          which aggregates them (what stateful solvers always do).
                           Both give the same bits.
     scheduling:           "dynamic" (default): a stateless solver's tasks go to whichever actor is free (two in
                           flight per actor); "static": task i of a step always goes to actor ``owner(key)``, as

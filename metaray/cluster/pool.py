@@ -429,9 +429,11 @@ def _actor_class():
     if _ACTOR_CLASS is None:
         import ray
 
+        from .collective import REDUCE
         from .worker import RayInnerLearner
 
-        _ACTOR_CLASS = ray.remote(RayInnerLearner)
+        # one thread for the task calls (in submission order: dispatch.py relies on it) and one for the reduction
+        _ACTOR_CLASS = ray.remote(concurrency_groups={REDUCE: 1})(RayInnerLearner)
     return _ACTOR_CLASS
 
 
@@ -680,9 +682,10 @@ class WorkerPool(_PoolBase):
     # ---- the reduction (collective.py) -------------------------------------------------------------------
 
     def _reduces_on_actors(self) -> bool:
-        # stateless solvers only, and no straggler re-dispatch (a reduction call would queue behind the straggler)
-        c = self.config
-        return c.reduction == "actors" and not self.stateful and c.step_timeout_s is None
+        # stateless solvers only: a stateful step already returns every task's new state to the driver. Stragglers
+        # do not hold the reduction up: its calls run on the actors' reduction thread (collective.REDUCE), beside a
+        # losing copy still running on the main one.
+        return self.config.reduction == "actors" and not self.stateful
 
     def _reduce_on_actors(self, x, keys, results, weights):
         return reduce_on_actors(self, x, keys, results, weights)

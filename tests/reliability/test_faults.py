@@ -262,7 +262,7 @@ try:
     ray.init(address=c.address)
     cloudpickle.register_pickle_by_value(K); ray.cloudpickle.register_pickle_by_value(K)
     pool = WorkerPool(K.spec(delay=0.3), ClusterConfig(num_workers=2, strategy="SPREAD", metrics=False,
-                      placement_timeout_s=60), "rel-node")
+                      placement_timeout_s=60, collective={collective!r}), "rel-node")
     where = {{a.name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.name.startswith("metaray-rel-node")}}
     victim = next(n for n in nodes if n.node_id in where.values())
     out = {{"actors_on": sorted(where.values()), "victim": victim.node_id}}
@@ -278,6 +278,7 @@ try:
     out["identical"] = bool(torch.equal(x["x"], ref["x"]))
     out["events"] = [e for r in results for e in r.events]
     out["restarts"] = sum(r.restarts for r in results)
+    out["group_builds"] = pool._group.builds if pool._group is not None else None
     pool.shutdown()
 finally:
     ray.shutdown()
@@ -287,10 +288,12 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_remove_a_worker_node(tmp_path):
+@pytest.mark.parametrize("collective", ["object_store", "gloo"])
+def test_remove_a_worker_node(tmp_path, collective):
     """A 3-node ray.cluster_utils.Cluster (run in a subprocess: one Ray per process); the node holding an
-    inner learner is removed mid-step; the actor comes back on the spare node."""
-    script = NODE_SCRIPT.format(kit=str(Path(K.__file__).parent))
+    inner learner is removed mid-step; the actor comes back on the spare node. With the actors' reduction through
+    Ray's object store, and through a gloo group (rebuilt with the new actor on the spare node)."""
+    script = NODE_SCRIPT.format(kit=str(Path(K.__file__).parent), collective=collective)
     # A cluster_utils head writes /tmp/ray/ray_current_cluster and leaves it behind: a later plain ray.init()
     # on this machine would try to join the dead cluster. Put the pointer back the way it was.
     pointer = Path("/tmp/ray/ray_current_cluster")
@@ -309,3 +312,5 @@ def test_remove_a_worker_node(tmp_path):
     print(out)
     assert out["identical"], out
     assert out["restarts"] >= 1 and any("died" in e for e in out["events"]), out
+    if collective == "gloo":  # the group was built, and built again with the actor that came back
+        assert out["group_builds"] >= 2, out
