@@ -12,7 +12,8 @@ A bf16 mode (``[run] precision = "bf16"``: the inner loss under autocast) is tim
 gradient's difference from the fp32 loop. Each mode is timed after a warm-up (the vmapped first call traces), CUDA-synchronized, median of ``--repeats``:
 tasks/s and peak CUDA memory (``torch.cuda.max_memory_allocated``, reset per mode; "–" on a CPU). Then 1, 2 and
 4 Ray actors sharing the device (``num_gpus_per_worker = 1/n`` on a GPU), ``tasks_per_batch="auto"``, conv4:
-tasks/s over a few outer steps. Prints one JSON object (``--json PATH`` also writes it).
+tasks/s over a few outer steps, with ``prefetch="auto"`` (on for GPU actors: the next call's tasks loaded through
+pinned memory on a side stream while the call ahead computes), and 1 actor again with prefetching off. Prints one JSON object (``--json PATH`` also writes it).
 """
 from __future__ import annotations
 
@@ -197,22 +198,25 @@ def actors(wl: dict, device, counts, steps: int) -> dict:
     if started:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
-        for n in counts:
+        # prefetch "auto" is on for GPU actors (off on a CPU); one actor is also timed with it off
+        for n, prefetch in [(n, "auto") for n in counts] + [(1, False)]:
             gpus = 1.0 / n if device.type == "cuda" else 0.0
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(n, 1) - (1 if n == 1 else 0)) if device.type == "cuda" else 1
             cfg = ClusterConfig(num_workers=n, num_cpus_per_worker=cpus, num_gpus_per_worker=gpus, metrics=False,
-                                tasks_per_batch="auto")
+                                tasks_per_batch="auto", prefetch=prefetch)
+            name = str(n) if prefetch == "auto" else f"{n}, prefetch off"
             try:
-                with WorkerPool(spec, cfg, f"gpu-bench-{n}") as pool:
+                with WorkerPool(spec, cfg, f"gpu-bench-{n}-{prefetch}") as pool:
                     keys = lambda s: [("train", s, i) for i in range(wl["tasks"])]  # noqa: E731
                     pool.step(x, keys(0))  # warm-up: the "auto" measurement happens here
                     t = time.perf_counter()
                     for s in range(1, steps + 1):
                         pool.step(x, keys(s))
-                    out[str(n)] = {"tasks_per_s": steps * wl["tasks"] / (time.perf_counter() - t),
-                                   "num_gpus_per_worker": gpus}
+                    out[name] = {"tasks_per_s": steps * wl["tasks"] / (time.perf_counter() - t),
+                                 "num_gpus_per_worker": gpus, "prefetch": pool._prefetch[0],
+                                 "loaded_ahead": sum(w["prefetch"]["hits"] for w in pool.workers().values())}
             except Exception as e:  # noqa: BLE001
-                out[str(n)] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                out[name] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
         if started:
             ray.shutdown()

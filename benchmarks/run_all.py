@@ -54,6 +54,7 @@ BENCHES = [
     Bench("peers", "Speed against peers on identical workloads", "peers.py", "json", timeout_full=420, timeout_quick=120),
     Bench("batched", "Batched task hypergradients vs the task loop", "batched.py", "json", timeout_full=240, timeout_quick=90),
     Bench("precision", "bf16 inner loop against fp32", "precision.py", "json", timeout_full=300, timeout_quick=90),
+    Bench("prefetch", "Tasks loaded ahead: prefetch off and on", "prefetch.py", "json", timeout_full=300, timeout_quick=90),
     Bench("memory", "Memory vs horizon", "memory_horizon.py", "json", timeout_full=1200, timeout_quick=90),
     Bench("cluster", "Scaling on Ray", "cluster_scaling.py", "text", full_args=[],
           quick_args=["--steps", "2", "--tasks", "4", "--broadcast-mb", "20"],

@@ -61,5 +61,6 @@ def test_gpu_benchmark_cpu_smoke_mode_runs_end_to_end():
             assert row["tasks_per_s"] > 0
             # bf16 is compared with fp32 (benchmarks/precision.py measures how far); the rest is the same fp32 math
             assert row["grad_rel_diff_vs_metaray_loop"] < (3.0 if "bf16" in mode else 1e-4), (name, mode, row)
-    assert set(out["actors_sharing_the_device"]) == {"1", "2"}
+    assert set(out["actors_sharing_the_device"]) == {"1", "2", "1, prefetch off"}
     assert all(isinstance(v, dict) and v["tasks_per_s"] > 0 for v in out["actors_sharing_the_device"].values())
+    assert not out["actors_sharing_the_device"]["1"]["prefetch"]  # "auto" leaves CPU actors without it

@@ -144,6 +144,11 @@ class ClusterConfig:
                           the same bits.
     collective_timeout_s: how long a rank of the group waits for the others (joining, or in a collective)
                           before the round is given up and run again; a rank that dies is noticed at once.
+    prefetch:             load an actor's next call's tasks (sample, cast, copy to its device) on a thread of its
+                          own while the call ahead computes (cluster/loader.py; on a GPU through pinned memory and a
+                          non-blocking copy on a side stream): True | False | "auto" (default: on for actors that
+                          compute on a GPU, off on CPUs, where the loading thread would share the computation's
+                          cores; True also suits a CPU actor whose sampling waits on storage). Same bits either way.
     """
 
     num_workers: int = 2
@@ -164,6 +169,7 @@ class ClusterConfig:
     scheduling: str = "dynamic"
     collective: str = "auto"
     collective_timeout_s: float = 120.0
+    prefetch: bool | str = "auto"
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -212,6 +218,8 @@ class ClusterConfig:
         t = self.collective_timeout_s
         if not _is_number(t) or not (0 < t < math.inf):
             raise bad("collective_timeout_s", "a number of seconds > 0")
+        if not (isinstance(self.prefetch, bool) or self.prefetch == "auto"):
+            raise bad("prefetch", 'True, False or "auto"')
 
 
 def collective_backend(spec: WorkerSpec, config: ClusterConfig) -> str | None:

@@ -18,6 +18,10 @@ needed are cancelled (``ray.cancel``: a queued call never runs; a running one st
 its task is sampled). A copy still running when the step ends stays in its actor's queue, so the next step
 neither waits behind it nor counts its tasks' deadlines from their submission.
 
+Prefetch (``ClusterConfig.prefetch``): whenever a call becomes the next one an actor will run, its task keys go
+to that actor's prefetch thread, which loads them onto the actor's device while the call ahead computes
+(loader.py).
+
 Stateful solvers: only the owner's copy of a task keeps its new state (a copy elsewhere is a "backup", started
 from the driver's snapshot), so the owner's copy is never cancelled. A task whose snapshot is older than its
 last step is never copied: the copy would start from a stale state and silently give other numbers.
@@ -33,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .loader import PREFETCH
 from .worker import owner, task_id
 
 if TYPE_CHECKING:
@@ -52,6 +57,7 @@ class Attempt:
     started: float | None = None     # when the actor began it (monotonic s); None while queued behind another
     overdue: bool = False            # past its deadline, and dealt with
     cancelled: bool = False          # its answer is no longer wanted (ray.cancel sent)
+    prefetched: bool = False         # its tasks were sent to its actor's prefetch thread (loader.py)
 
     @property
     def indices(self) -> list[int]:
@@ -96,17 +102,33 @@ class StepDispatch:
         if not q:
             a.started = time.monotonic()  # nothing ahead of it: it starts now (give or take the round trip)
         q[ref] = a
+        self._prefetch_next(a.worker)
 
     def _dequeue(self, ref: Any) -> Attempt:
-        for q in self.queues:
+        for w, q in enumerate(self.queues):
             if ref in q:
                 head = next(iter(q)) is ref
                 a = q.pop(ref)
                 if head and q:  # the actor moves on to the next call
                     nxt = next(iter(q.values()))
                     nxt.started = nxt.started or time.monotonic()
+                    self._prefetch_next(w)
                 return a
         raise KeyError(ref)
+
+    def _prefetch_next(self, w: int) -> None:
+        """``ClusterConfig.prefetch``: the tasks of the call actor w runs after the one it runs now go to its
+        prefetch thread, which loads them onto its device meanwhile (loader.py). Only the next call's: a
+        queue's later calls may still move elsewhere, and their tasks would hold device memory for nothing."""
+        if not self.pool._prefetch[w]:
+            return
+        later = iter(self.queues[w].values())
+        next(later, None)  # the call running now
+        a = next((b for b in later if not b.cancelled), None)
+        if a is not None and a.indices and not a.prefetched:
+            a.prefetched = True
+            hint = self.pool._actors[w].prefetch.options(concurrency_group=PREFETCH)
+            self.pool._hints.append(hint.remote([self.keys[i] for i in a.indices]))
 
     def _live(self, w: int) -> int:
         return sum(not a.cancelled for a in self.queues[w].values())
@@ -308,3 +330,11 @@ class StepDispatch:
             done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
             for ref in done:
                 self._dequeue(ref)
+        hints = self.pool._hints
+        if hints:  # answered prefetch calls: read, so that one sent to an actor that died is not reported unhandled
+            done, self.pool._hints = self.ray.wait(hints, num_returns=len(hints), timeout=0)
+            for ref in done:
+                try:
+                    self.ray.get(ref)
+                except Exception:  # noqa: BLE001 (its actor died: the call it was sent for is recovered)
+                    pass

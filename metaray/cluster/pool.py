@@ -407,6 +407,10 @@ class InProcessPool(_PoolBase):
             results.append(r)
         return results, 0, retries
 
+    def workers(self) -> dict[int, dict]:
+        """The one in-process learner's ``info()`` (WorkerPool.workers)."""
+        return {0: self._learner.info()}
+
     def _gather_states(self):
         return self._learner.get_states()
 
@@ -430,10 +434,12 @@ def _actor_class():
         import ray
 
         from .collective import REDUCE
+        from .loader import PREFETCH
         from .worker import RayInnerLearner
 
-        # one thread for the task calls (in submission order: dispatch.py relies on it) and one for the reduction
-        _ACTOR_CLASS = ray.remote(concurrency_groups={REDUCE: 1})(RayInnerLearner)
+        # one thread for the task calls (in submission order: dispatch.py relies on it), one for the reduction
+        # and one that loads the next call's tasks (loader.py)
+        _ACTOR_CLASS = ray.remote(concurrency_groups={REDUCE: 1, PREFETCH: 1})(RayInnerLearner)
     return _ACTOR_CLASS
 
 
@@ -519,6 +525,8 @@ class WorkerPool(_PoolBase):
         self._spec_ref = spec_bytes if len(spec_bytes) < INLINE_SPEC_BYTES else ray.put(spec_bytes)
         self._actors: list[Any] = [None] * config.num_workers
         self._queues: list[dict] = [{} for _ in range(config.num_workers)]  # each actor's calls (dispatch.py)
+        self._prefetch = [False] * config.num_workers  # whether actor i loads its next call's tasks ahead
+        self._hints: list = []  # prefetch calls not yet answered (dispatch.py)
         self._incarnation: list[str | None] = [None] * config.num_workers
         self._replacements = [0] * config.num_workers
         self.pids: list[int] = [0] * config.num_workers
@@ -535,6 +543,10 @@ class WorkerPool(_PoolBase):
                 self._incarnation[i] = info["incarnation"]
                 self.pids[i] = info["pid"]
             self.worker_info = infos
+            # prefetch="auto": on for the actors that compute on a GPU (their host-side loading then overlaps
+            # the device's work), off on CPUs, where a loading thread would take its core from the computation
+            self._prefetch = [config.prefetch is True or (config.prefetch == "auto" and info["device"].startswith("cuda"))
+                              for _, info in sorted(infos.items())]
         except BaseException:
             self.shutdown()
             raise
@@ -728,6 +740,13 @@ class WorkerPool(_PoolBase):
         ray.get([self._actors[w].update_states.remote(*parts[w]) for w in range(self.num_workers)])
 
     # ---- utilities ---------------------------------------------------------------------------------------
+
+    def workers(self) -> dict[int, dict]:
+        """Each actor's ``info()`` now (asks them): device, threads, calls cancelled, tasks prefetched; also
+        refreshes ``worker_info``."""
+        ray = self._ray
+        self.worker_info = dict(enumerate(ray.get([a.info.remote() for a in self._actors])))
+        return dict(self.worker_info)
 
     def worker_pids(self) -> list[int]:
         """The current process id of each actor (asks them)."""

@@ -36,14 +36,23 @@ _MAX_EXP = 960
 
 def max_abs(grad: Mapping[str, Tensor]) -> dict[str, float]:
     """max |g| per parameter tensor (what each task reports for the step's ``exponents``)."""
-    out = {}
-    for k, v in grad.items():
-        if not v.numel():
-            out[k] = 0.0
-            continue
-        lo, hi = (float(t) for t in torch.aminmax(v.detach()))  # one pass, no |g| temporary
-        # max(-lo, hi) = max |g| exactly; aminmax propagates NaN to both ends, as abs().max() would
-        out[k] = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+    return max_abs_many([grad])[0]
+
+
+def max_abs_many(grads: Sequence[Mapping[str, Tensor]]) -> list[dict[str, float]]:
+    """``max_abs`` of several gradients, read from their device in one transfer (one synchronization on a GPU,
+    not two per tensor)."""
+    # one pass per tensor, no |g| temporary; float64 holds any float32's ends exactly
+    ends = [torch.stack(torch.aminmax(v.detach())).to(torch.float64) for g in grads for v in g.values() if v.numel()]
+    flat = iter(torch.cat(ends).tolist() if ends else [])
+    out = []
+    for g in grads:
+        m = {}
+        for k, v in g.items():
+            lo, hi = (next(flat), next(flat)) if v.numel() else (0.0, 0.0)
+            # max(-lo, hi) = max |g| exactly; aminmax propagates NaN to both ends, as abs().max() would
+            m[k] = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+        out.append(m)
     return out
 
 

@@ -14,7 +14,6 @@ driver (snapshots, ``state_dict``) so it survives the actor.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import os
 import time
@@ -30,6 +29,7 @@ from ..solvers.core import NonFiniteError, Params, check_grad_finite, check_same
 from ..tasks.precision import check_precision, with_precision
 from . import group, reduce
 from .config import WorkerSpec
+from .loader import TaskLoader, move
 
 TaskId = tuple[str, int]
 
@@ -54,23 +54,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def move(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Tensors (floating ones cast to ``dtype``) in a task, a dict, a list/tuple or a dataclass, on ``device``.
-
-    Integer tensors (class labels) keep their dtype. Other objects are returned as they are.
-    """
-    if isinstance(obj, Tensor):
-        return obj.to(device=device, dtype=dtype) if obj.is_floating_point() else obj.to(device=device)
-    if isinstance(obj, Mapping):
-        return type(obj)((k, move(v, device, dtype)) for k, v in obj.items()) if isinstance(obj, dict) else obj
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(move(v, device, dtype) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: move(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj) if f.init}
-        return dataclasses.replace(obj, **changes)
-    return obj
 
 
 def _move_problem(problem: Any, device: torch.device, dtype: torch.dtype) -> None:
@@ -156,6 +139,7 @@ class InnerLearner:
         self.solver = make(spec.solver, **spec.solver_options)
         self.stateful = bool(getattr(self.solver, "stateful", False))
         self.source = spec.source
+        self.tasks = TaskLoader(spec.source, self.device, self.dtype)  # loader.py: tasks loaded ahead, on request
         self.states: dict[TaskId, Any] = {}
         self._track_memory = True  # off once the CPU meter is refused (torch.func.grad inside the solver)
         self.incarnation = uuid.uuid4().hex  # changes when the process is restarted: lost state is detectable
@@ -183,6 +167,7 @@ class InnerLearner:
             "stateful": self.stateful,
             "memory_method": memory.PeakMemory(self.device).method,
             "cancelled": self.cancelled,
+            "prefetch": self.tasks.stats(),
         }
 
     def pid(self) -> int:
@@ -219,14 +204,16 @@ class InnerLearner:
 
     # ---- the reduction (cluster/reduce.py) ---------------------------------------------------------------
 
-    def _grad_fields(self, x: Params, key: Any, grad: Params, keep: bool) -> dict[str, Any]:
-        """The result's gradient: the tensors themselves (to the CPU), or, with ``keep``, only their per-tensor
-        max |g| while the gradient stays here on the device until ``slice_kept``."""
+    def _grad_fields(self, x: Params, keys: list, grads: list[Params], keep: bool) -> list[dict[str, Any]]:
+        """The results' gradients: the tensors themselves (to the CPU), or, with ``keep``, only their per-tensor
+        max |g| (read from the device in one transfer for all of ``keys``) while the gradients stay here on the
+        device until the reduction."""
         if not keep:
-            return {"grad": _to_cpu(grad)}
-        check_same_keys(x, grad, "outer params x", f"hypergradient of task {key}")
-        self._kept[key] = {k: v.detach() for k, v in grad.items()}
-        return {"grad": None, "grad_maxabs": reduce.max_abs(grad)}
+            return [{"grad": _to_cpu(grad)} for grad in grads]
+        for key, grad in zip(keys, grads):
+            check_same_keys(x, grad, "outer params x", f"hypergradient of task {key}")
+            self._kept[key] = {k: v.detach() for k, v in grad.items()}
+        return [{"grad": None, "grad_maxabs": m} for m in reduce.max_abs_many(grads)]
 
     def _kept_status(self, keys: list) -> dict[str, Any]:
         """What a reduction call answers first: the keys whose gradients this process does not hold (it was
@@ -335,6 +322,13 @@ class InnerLearner:
         """The address other ranks reach this process at (a Ray actor: its node's IP)."""
         return "127.0.0.1"
 
+    # ---- tasks loaded ahead (loader.py) ------------------------------------------------------------------
+
+    def prefetch(self, keys: list) -> int:
+        """Loads these tasks onto this worker's device ahead of the call that needs them (the dispatcher sends
+        it on the actor's prefetch thread, beside the call computing now); returns how many it loaded."""
+        return self.tasks.fetch(list(keys))
+
     # ---- one task ----------------------------------------------------------------------------------------
 
     def run(
@@ -369,7 +363,7 @@ class InnerLearner:
                 state = self.states[tid]
             elif expect_state and mode == "train":
                 return {"key": key, "error": "state_lost", "worker": self.worker, "incarnation": self.incarnation}
-        task = move(self.source.sample(key), self.device, self.dtype)
+        task = self.tasks.take(key)
         if self._cancelled():  # a straggler's losing copy (dispatch.py): its answer is no longer wanted
             self.cancelled += 1
             return {"key": key, "error": "cancelled", "worker": self.worker, "incarnation": self.incarnation}
@@ -399,7 +393,7 @@ class InnerLearner:
         return {
             "key": key,
             "error": None,
-            **(self._grad_fields(x, key, hg.grad, keep) if mode == "train" else {"grad": None}),
+            **(self._grad_fields(x, [key], [hg.grad], keep)[0] if mode == "train" else {"grad": None}),
             "outer_loss": float(hg.outer_loss),
             "inner_loss": float(hg.inner_loss),
             "metrics": {k: float(v) for k, v in (hg.metrics or {}).items() if isinstance(v, (int, float, Tensor))},
@@ -429,7 +423,7 @@ class InnerLearner:
         if tasks_per_batch == "auto" and "batched" not in self.batch_choice:
             return self._choose_batching(x, keys, snapshot, keep)
         t0 = time.perf_counter()
-        tasks = [move(self.source.sample(k), self.device, self.dtype) for k in keys]
+        tasks = [self.tasks.take(k) for k in keys]
         try:
             hgs = self._hypergrad_chunks(x, tasks)
         except NonFiniteError:
@@ -437,10 +431,11 @@ class InnerLearner:
         share = (time.perf_counter() - t0) / len(keys)
         if self._bar is not None:
             self._bar.update(len(keys))
+        grads = self._grad_fields(x, keys, [hg.grad for hg in hgs], keep)
         return [{
             "key": key,
             "error": None,
-            **self._grad_fields(x, key, hg.grad, keep),
+            **grad,
             "outer_loss": float(hg.outer_loss),
             "inner_loss": float(hg.inner_loss),
             "metrics": {k: float(v) for k, v in (hg.metrics or {}).items() if isinstance(v, (int, float, Tensor))},
@@ -449,7 +444,7 @@ class InnerLearner:
             "peak_memory_bytes": None,  # the CPU meter cannot watch torch.func; a batch has no per-task peak
             "worker": self.worker,
             "incarnation": self.incarnation,
-        } for key, hg in zip(keys, hgs)]
+        } for key, hg, grad in zip(keys, hgs, grads)]
 
     @property
     def batch_choice(self) -> dict[str, Any]:
@@ -484,7 +479,7 @@ class InnerLearner:
         loop = (time.perf_counter() - t0) / len(keys)
         if any(r["error"] for r in results):
             return results  # decide on a later, healthy step
-        tasks = [move(self.source.sample(k), self.device, self.dtype) for k in keys]
+        tasks = [self.tasks.load(k) for k in keys]
         try:
             self._hypergrad_chunks(x, tasks)
             t0 = time.perf_counter()
@@ -506,7 +501,7 @@ class InnerLearner:
         plan = getattr(self.solver, "memory_plan", None)
         if plan is None:
             return None
-        return plan(self.problem, self.set_x(x), move(self.source.sample(key), self.device, self.dtype))
+        return plan(self.problem, self.set_x(x), self.tasks.load(key))
 
     def _hypergrad(self, x: Params, task: Any, state: Any) -> tuple[Any, int | None]:
         """The task's hypergradient and the peak memory of the call in bytes (solvers/memory.py: the CUDA

@@ -238,6 +238,10 @@ class ClusterSettings(_Section):
         "actors), 'object_store' (Ray's); 'auto': nccl where every actor has a whole GPU, else gloo from 8 actors "
         "on and the object store below (same result)", choices=("auto", "gloo", "nccl", "object_store"))
     collective_timeout_s: float = _setting(120.0, "seconds a rank of the actors' group waits for the others", _positive)
+    prefetch: bool | str = _setting(
+        "auto", "load an actor's next tasks onto its device while it computes: true, false, or 'auto' (on for GPU "
+        "actors; same result)", (lambda v: isinstance(v, bool) or v == "auto",
+                                 "true, false or 'auto'"))
 
     def cluster_config(self):
         from ..cluster.config import ClusterConfig

@@ -20,7 +20,7 @@ from metaray.solvers.batched import BatchFallbackWarning
 from metaray.solvers.maml import MAML
 from metaray.tasks import ModelProblem, SinusoidSource, mlp
 
-from cluster_helpers import PoisonedSource
+from cluster_helpers import PoisonedSource, SlowSource
 
 HERE = Path(__file__).resolve().parent
 TASKS, STEPS, LR = 6, 3, 0.01
@@ -146,16 +146,56 @@ def test_tasks_per_batch_is_validated():
         ClusterSettings(tasks_per_batch=0)
 
 
-@pytest.mark.slow
-def test_ray_actors_running_batches_follow_the_loop_trajectory(loop_reference):
+@pytest.fixture(scope="module")
+def two_cpus():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}})
-    try:
-        for per_batch in (2, "auto"):
-            cfg = ClusterConfig(num_workers=2, num_cpus_per_worker=1, metrics=False, tasks_per_batch=per_batch)
-            with WorkerPool(spec(), cfg, f"batch-{per_batch}") as pool:
-                x, losses = train(pool)
-            assert rel(x, loop_reference[0]) < 1e-10, per_batch
-            assert losses == pytest.approx(loop_reference[1], rel=1e-10)
-    finally:
-        ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_actors_running_batches_follow_the_loop_trajectory(loop_reference, two_cpus):
+    for per_batch in (2, "auto"):
+        cfg = ClusterConfig(num_workers=2, num_cpus_per_worker=1, metrics=False, tasks_per_batch=per_batch)
+        with WorkerPool(spec(), cfg, f"batch-{per_batch}") as pool:
+            x, losses = train(pool)
+        assert rel(x, loop_reference[0]) < 1e-10, per_batch
+        assert losses == pytest.approx(loop_reference[1], rel=1e-10)
+
+
+@pytest.mark.slow
+def test_prefetching_the_next_calls_tasks_changes_no_bit(loop_reference, two_cpus):
+    """``prefetch=True``: each actor loads its next call's tasks on its prefetch thread while the call ahead
+    computes (sampling here waits 50 ms, as a read from storage would). Dynamic scheduling one task a call gives
+    the loop's params bit for bit, static chunks of 2 its trajectory; the actors took tasks loaded ahead, and every
+    task was sampled once. "auto" leaves CPU actors without prefetching."""
+    slow = SlowSource(SinusoidSource(dtype=torch.float64), delay=0.05)
+    runs = [("dynamic", 1, True), ("static", 2, True), ("dynamic", 1, "auto")]
+    for scheduling, per_batch, prefetch in runs:
+        cfg = ClusterConfig(num_workers=2, num_cpus_per_worker=1, metrics=False, scheduling=scheduling,
+                            tasks_per_batch=per_batch, prefetch=prefetch)
+        with WorkerPool(spec(slow), cfg, f"prefetch-{scheduling}-{prefetch}") as pool:
+            x, losses = train(pool)
+            stats = [w["prefetch"] for w in pool.workers().values()]
+            enabled = list(pool._prefetch)
+        what = (scheduling, per_batch, prefetch)
+        if per_batch == 1:
+            assert all(torch.equal(x[k], loop_reference[0][k]) for k in x), what
+        assert rel(x, loop_reference[0]) < 1e-10 and losses == pytest.approx(loop_reference[1], rel=1e-10), what
+        hits, misses = sum(s["hits"] for s in stats), sum(s["misses"] for s in stats)
+        assert hits + misses == STEPS * TASKS, (what, stats)  # each task taken once, and loaded once
+        assert enabled == [prefetch is True] * 2, what
+        if prefetch is True:
+            assert hits >= 1 and sum(s["loaded_ahead"] for s in stats) >= hits, (what, stats)
+        else:
+            assert hits == 0 and sum(s["loaded_ahead"] for s in stats) == 0, (what, stats)
+
+
+def test_prefetch_is_validated():
+    for bad in ("yes", 1, 0, None):
+        with pytest.raises(ValueError, match=r"prefetch must be True, False or \"auto\""):
+            ClusterConfig(prefetch=bad)
+    assert ClusterSettings(prefetch=True).cluster_config().prefetch is True
+    with pytest.raises(ConfigError, match="prefetch"):
+        ClusterSettings(prefetch="always")

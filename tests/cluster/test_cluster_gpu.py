@@ -145,3 +145,24 @@ def test_reduction_through_nccl_and_gloo_groups_on_the_gpu_gives_the_object_stor
             assert torch.equal(runs[a][k], runs[b][k]), (a, k)
     for k in ref:
         torch.testing.assert_close(runs["nccl"][k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_tasks_loaded_ahead_on_cuda_through_pinned_memory_equal_the_cpu_tasks():
+    """cluster/loader.py on a GPU: loaded on another thread, copied from pinned memory on a side stream; the task
+    the compute stream gets equals the CPU task, and a kernel on it sees the copied values."""
+    import threading
+
+    from metaray.cluster.loader import TaskLoader
+
+    src = SinusoidSource(dtype=D)
+    keys = [("train", 0, i) for i in range(6)]
+    loader = TaskLoader(src, torch.device("cuda"), torch.float32)
+    ahead = threading.Thread(target=loader.fetch, args=(keys,))
+    ahead.start()
+    ahead.join()
+    for key in keys:
+        got, want = loader.take(key), src.sample(key)
+        assert got.support_x.is_cuda and got.support_x.dtype == torch.float32
+        assert torch.equal((got.query_y * 2).cpu(), (want.query_y.float() * 2))
+        assert torch.equal(got.support_x.cpu(), want.support_x.float())
+    assert loader.stats()["hits"] == 6
