@@ -144,6 +144,12 @@ class ClusterConfig:
                           the same bits.
     collective_timeout_s: how long a rank of the group waits for the others (joining, or in a collective)
                           before the round is given up and run again; a rank that dies is noticed at once.
+    task_threads:         threads an actor computes a call's tasks on, at once (solvers/threads.py: the task loop
+                          in parallel, each thread with its own copy of the problem and num_cpus_per_worker //
+                          task_threads intra-op threads), instead of vmapping them; needs calls of several tasks
+                          (tasks_per_batch > 1 or "auto": then the measurement compares the threads with the
+                          one-thread loop). Small graphs (conv4 on a CPU) gain: one intra-op thread per task keeps
+                          the cores busier than two per task. 1 (default): off. Same bits for any split of tasks.
     prefetch:             load an actor's next call's tasks (sample, cast, copy to its device) on a thread of its
                           own while the call ahead computes (cluster/loader.py; on a GPU through pinned memory and a
                           non-blocking copy on a side stream): True | False | "auto" (default: on for actors that
@@ -170,6 +176,7 @@ class ClusterConfig:
     collective: str = "auto"
     collective_timeout_s: float = 120.0
     prefetch: bool | str = "auto"
+    task_threads: int = 1
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -220,6 +227,12 @@ class ClusterConfig:
             raise bad("collective_timeout_s", "a number of seconds > 0")
         if not (isinstance(self.prefetch, bool) or self.prefetch == "auto"):
             raise bad("prefetch", 'True, False or "auto"')
+        n = self.task_threads
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise bad("task_threads", "an int >= 1")
+        if n > 1 and self.tasks_per_batch == 1:
+            raise ValueError(f"ClusterConfig.task_threads={n} computes a call's tasks in parallel, but "
+                             "tasks_per_batch=1 sends one task per call; set tasks_per_batch to an int > 1 or \"auto\"")
 
 
 def collective_backend(spec: WorkerSpec, config: ClusterConfig) -> str | None:

@@ -374,8 +374,9 @@ class _PoolBase(abc.ABC):
 class InProcessPool(_PoolBase):
     """The same interface without Ray: one InnerLearner in this process computes every task in key order.
 
-    From ``config`` only the aggregation settings apply: every task runs here, reported as worker 0, nothing is
-    exported (the StepResult carries the metrics), and torch threads stay as the caller set them.
+    From ``config`` the aggregation settings, ``tasks_per_batch`` and ``task_threads`` apply: every task runs
+    here, reported as worker 0, nothing is exported (the StepResult carries the metrics), and torch threads stay
+    as the caller set them (task threads get ``num_cpus_per_worker // task_threads`` each).
     """
 
     def __init__(self, spec: WorkerSpec, config: ClusterConfig | None = None, run_name: str = "inprocess"):
@@ -383,7 +384,7 @@ class InProcessPool(_PoolBase):
         super().__init__(spec, config, run_name)
         self.num_workers = 1
         self._learner = InnerLearner(spec, 0, num_cpus=config.num_cpus_per_worker, num_gpus=config.num_gpus_per_worker,
-                                     set_threads=False)
+                                     set_threads=False, task_threads=config.task_threads)
 
     def _record(self, result: StepResult, train: bool) -> None:
         """No Ray, no exported metrics: the StepResult carries them."""
@@ -406,6 +407,10 @@ class InProcessPool(_PoolBase):
                 break
             results.append(r)
         return results, 0, retries
+
+    def shutdown(self) -> None:
+        self._learner.close()
+        super().shutdown()
 
     def workers(self) -> dict[int, dict]:
         """The one in-process learner's ``info()`` (WorkerPool.workers)."""
@@ -615,7 +620,8 @@ class WorkerPool(_PoolBase):
                 max_task_retries=0,  # re-dispatch from the driver instead (see the module docstring)
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=self._bundle_offset + i),
                 runtime_env={"env_vars": env},
-            ).remote(self._spec_ref, i, c.num_cpus_per_worker, c.num_gpus_per_worker, c.progress, self.run_name)
+            ).remote(self._spec_ref, i, c.num_cpus_per_worker, c.num_gpus_per_worker, c.progress, self.run_name,
+                     c.task_threads)
         except ValueError as e:
             if "already" in str(e).lower():
                 raise PoolError(

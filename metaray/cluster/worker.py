@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..solvers import make, memory
+from ..solvers.threads import TaskThreads
 from ..solvers.core import NonFiniteError, Params, check_grad_finite, check_same_keys
 from ..tasks.precision import check_precision, with_precision
 from . import group, reduce
@@ -119,6 +120,7 @@ class InnerLearner:
         set_threads: bool = True,
         progress: bool = False,
         run_name: str = "",
+        task_threads: int = 1,
     ):
         for module in spec.imports:
             importlib.import_module(module)
@@ -138,6 +140,10 @@ class InnerLearner:
         self.problem = with_precision(self.problem, spec.precision, self.device)
         self.solver = make(spec.solver, **spec.solver_options)
         self.stateful = bool(getattr(self.solver, "stateful", False))
+        # ClusterConfig.task_threads: a call's several tasks computed on threads of their own (solvers/threads.py),
+        # the actor's CPUs shared among them, instead of vmapped
+        self._threads = (TaskThreads(self.problem, task_threads, intra_op=max(1, int(num_cpus) // task_threads))
+                         if task_threads > 1 else None)
         self.source = spec.source
         self.tasks = TaskLoader(spec.source, self.device, self.dtype)  # loader.py: tasks loaded ahead, on request
         self.states: dict[TaskId, Any] = {}
@@ -168,6 +174,7 @@ class InnerLearner:
             "memory_method": memory.PeakMemory(self.device).method,
             "cancelled": self.cancelled,
             "prefetch": self.tasks.stats(),
+            "task_threads": self._threads.threads if self._threads is not None else 1,
         }
 
     def pid(self) -> int:
@@ -414,8 +421,9 @@ class InnerLearner:
         its own verdict. Stateful solvers and evaluation run task by task.
 
         ``tasks_per_batch="auto"``: the first call with two tasks or more measures the loop and the batched
-        call on its own tasks (returning the loop's results) and keeps whichever was faster per task for
-        every later call of this worker (``batch_choice`` says which and the times).
+        call (the task threads, with ``task_threads`` > 1) on its own tasks, returning the loop's results, and
+        keeps whichever was faster per task for every later call of this worker (``batch_choice`` says which,
+        the mode and the times).
         """
         keys = list(keys)
         if mode != "train" or self.stateful or len(keys) < 2 or self.batch_choice.get("batched") is False:
@@ -454,7 +462,12 @@ class InnerLearner:
         """``solver.hypergrad_batch`` over ``tasks`` in chunks of at most ``batch_choice["max_tasks"]`` (all at
         once until a batch has run out of memory). A chunk that runs out of device memory is halved and computed
         again, down to one task (the loop), and the size that fitted is kept for this worker's later calls, so a
-        ``tasks_per_batch`` too large for the device costs one failed attempt, not the step."""
+        ``tasks_per_batch`` too large for the device costs one failed attempt, not the step.
+
+        With ``task_threads`` > 1 the tasks are spread over this worker's task threads instead (each task a
+        ``solver.hypergrad`` call of its own)."""
+        if self._threads is not None:
+            return self._threads.hypergrads(self.solver, x, tasks)
         out: list = []
         while len(out) < len(tasks):
             size = min(self.batch_choice.get("max_tasks", len(tasks)), len(tasks) - len(out))
@@ -487,12 +500,18 @@ class InnerLearner:
             batched = (time.perf_counter() - t0) / len(keys)
         except NonFiniteError:
             return results
-        self.batch_choice.update(batched=batched < loop, loop_s_per_task=loop, batched_s_per_task=batched, tasks=len(keys))
+        self.batch_choice.update(batched=batched < loop, loop_s_per_task=loop, batched_s_per_task=batched, tasks=len(keys),
+                                 mode="threads" if self._threads is not None else "vmap")
         return results
 
     def _cancelled(self) -> bool:
         """Whether the driver has cancelled the call running now (only Ray actors can be cancelled)."""
         return False
+
+    def close(self) -> None:
+        """Stops the task threads, if any."""
+        if self._threads is not None:
+            self._threads.close()
 
     def memory_plan(self, x: Mapping[str, Any], key: Any) -> Any:
         """The solver's memory plan (checkpoint spacing, predicted peak) for the task ``key`` at x, from a probe
@@ -518,7 +537,7 @@ class RayInnerLearner(InnerLearner):
     """The actor body: resolves the step's x reference once per step, then runs tasks like InnerLearner."""
 
     def __init__(self, spec: WorkerSpec | bytes, worker: int, num_cpus: float, num_gpus: float, progress: bool,
-                 run_name: str):
+                 run_name: str, task_threads: int = 1):
         import pickle
         import warnings
 
@@ -532,7 +551,7 @@ class RayInnerLearner(InnerLearner):
         warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
         gpu_ids = ray.get_gpu_ids() if num_gpus > 0 else []
         super().__init__(spec, worker, num_cpus=num_cpus, num_gpus=num_gpus, gpu_ids=gpu_ids, progress=progress,
-                         run_name=run_name)
+                         run_name=run_name, task_threads=task_threads)
 
     def info(self) -> dict[str, Any]:
         import ray

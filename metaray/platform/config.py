@@ -238,10 +238,19 @@ class ClusterSettings(_Section):
         "actors), 'object_store' (Ray's); 'auto': nccl where every actor has a whole GPU, else gloo from 8 actors "
         "on and the object store below (same result)", choices=("auto", "gloo", "nccl", "object_store"))
     collective_timeout_s: float = _setting(120.0, "seconds a rank of the actors' group waits for the others", _positive)
+    task_threads: int = _setting(
+        1, "threads an actor computes a call's tasks on at once (each with its own problem copy), instead of vmapping "
+        "them; needs tasks_per_batch > 1 or 'auto'", _positive)
     prefetch: bool | str = _setting(
         "auto", "load an actor's next tasks onto its device while it computes: true, false, or 'auto' (on for GPU "
         "actors; same result)", (lambda v: isinstance(v, bool) or v == "auto",
                                  "true, false or 'auto'"))
+
+    def validate(self) -> None:
+        if self.task_threads > 1 and self.tasks_per_batch == 1:
+            raise ConfigError(f"cluster.task_threads = {self.task_threads} computes a call's tasks in parallel, but "
+                              "cluster.tasks_per_batch = 1 sends one task per call; set tasks_per_batch to an int > 1 "
+                              "or 'auto'")
 
     def cluster_config(self):
         from ..cluster.config import ClusterConfig

@@ -70,7 +70,33 @@ def test_in_process_batches_follow_the_loop_trajectory(loop_reference, per_batch
     assert rel(x, ref_x) < 1e-10
     assert losses == pytest.approx(ref_losses, rel=1e-10)
     if per_batch == "auto":  # measured once, on the first step, whose results are the loop's
-        assert set(choice) == {"batched", "loop_s_per_task", "batched_s_per_task", "tasks"} and choice["tasks"] == TASKS
+        assert set(choice) == {"batched", "loop_s_per_task", "batched_s_per_task", "tasks", "mode"} and choice["tasks"] == TASKS
+        assert choice["mode"] == "vmap"
+
+
+@pytest.mark.parametrize("per_batch", [3, "auto"])
+def test_task_threads_follow_the_loop_trajectory(loop_reference, per_batch):
+    """task_threads=2: a call's tasks computed two at a time on threads (solvers/threads.py), not vmapped; the
+    in-process pool's trajectory is the loop's, and "auto" measured the threads against the loop."""
+    cfg = ClusterConfig(num_workers=1, metrics=False, tasks_per_batch=per_batch, task_threads=2)
+    with InProcessPool(spec(), cfg) as p:
+        x, losses = train(p)
+        choice, info = p._learner.batch_choice, p.workers()[0]
+    assert rel(x, loop_reference[0]) < 1e-10 and losses == pytest.approx(loop_reference[1], rel=1e-10)
+    assert info["task_threads"] == 2
+    if per_batch == "auto":
+        assert choice["mode"] == "threads" and choice["tasks"] == TASKS
+
+
+def test_task_threads_is_validated():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="task_threads must be an int >= 1"):
+            ClusterConfig(task_threads=bad, tasks_per_batch="auto")
+    with pytest.raises(ValueError, match="tasks_per_batch=1 sends one task per call"):
+        ClusterConfig(task_threads=2)
+    with pytest.raises(ConfigError, match="cluster.tasks_per_batch = 1 sends one task per call"):
+        ClusterSettings(task_threads=2)
+    assert ClusterSettings(task_threads=2, tasks_per_batch=4).cluster_config().task_threads == 2
 
 
 def test_imaml_batched_cg_chunks_follow_the_loop_trajectory():
@@ -156,10 +182,12 @@ def two_cpus():
 
 @pytest.mark.slow
 def test_ray_actors_running_batches_follow_the_loop_trajectory(loop_reference, two_cpus):
-    for per_batch in (2, "auto"):
-        cfg = ClusterConfig(num_workers=2, num_cpus_per_worker=1, metrics=False, tasks_per_batch=per_batch)
-        with WorkerPool(spec(), cfg, f"batch-{per_batch}") as pool:
+    for per_batch, threads in ((2, 1), ("auto", 1), (3, 2)):  # (3, 2): each actor's chunks on 2 task threads
+        cfg = ClusterConfig(num_workers=2, num_cpus_per_worker=1, metrics=False, tasks_per_batch=per_batch,
+                            task_threads=threads)
+        with WorkerPool(spec(), cfg, f"batch-{per_batch}-{threads}") as pool:
             x, losses = train(pool)
+            assert all(w["task_threads"] == threads for w in pool.workers().values())
         assert rel(x, loop_reference[0]) < 1e-10, per_batch
         assert losses == pytest.approx(loop_reference[1], rel=1e-10)
 
