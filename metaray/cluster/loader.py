@@ -145,12 +145,16 @@ class TaskLoader:
         step = _step_of(key)
         if step is None:
             return
-        for k in [k for k in self._ready if (s := _step_of(k)) is not None and s[0] == step[0]]:
+        for k in list(self._ready):
+            s = _step_of(k)
+            if s is None or s[0] != step[0]:
+                continue
             try:
-                if _step_of(k)[1] < step[1]:  # type: ignore[index]
-                    del self._ready[k]
+                earlier = s[1] < step[1]
             except TypeError:  # steps that do not compare: keep the task (capacity still bounds them)
-                pass
+                continue
+            if earlier:
+                del self._ready[k]
 
     def _load_ahead(self, key: Any) -> tuple[Any, Any]:
         """(task on the device, the CUDA event its copy records, or None on a CPU)."""

@@ -134,7 +134,7 @@ def decode_flat(total: Tensor, start: int, sizes: Mapping[str, int], exps: Mappi
 
 def exact_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float]) -> Params:
     """Σ_i coefs[i] · grads[i], exactly as the actors' distributed reduction computes it (one process)."""
-    exps = exponents([max_abs(g) for g in grads], coefs)
+    exps = exponents(max_abs_many(grads), coefs)
     acc = None
     for g, c in zip(grads, coefs):
         acc = encode_into(acc, g, c, exps)

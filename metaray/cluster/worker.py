@@ -144,7 +144,6 @@ class InnerLearner:
         # the actor's CPUs shared among them, instead of vmapped
         self._threads = (TaskThreads(self.problem, task_threads, intra_op=max(1, int(num_cpus) // task_threads))
                          if task_threads > 1 else None)
-        self.source = spec.source
         self.tasks = TaskLoader(spec.source, self.device, self.dtype)  # loader.py: tasks loaded ahead, on request
         self.states: dict[TaskId, Any] = {}
         self._track_memory = True  # off once the CPU meter is refused (torch.func.grad inside the solver)
