@@ -11,7 +11,11 @@ in interleaved rounds (this machine is shared: only ratios measured in one run m
   receives one gradient), the blocks moved through Ray's object store (the CPU default), and 2 actors with
   ``collective="gloo"`` (a torch.distributed gloo group among them);
 - the coordinate-wise median (1.0M params only): in one process, gathered in the driver, and sharded by
-  coordinate among 2 actors.
+  coordinate among 2 actors;
+- the machine's own ceiling for two workers: two plain OS processes (no Ray), each computing (and summing) 4 of the 8 tasks
+  at once with one thread, timed from "go" to both done, with no gradient moved or added. No framework's 2
+  workers can beat it; where it is well under 2x, the cores slow each other (shared caches, memory bandwidth,
+  a shared host), not the data path.
 
 Reported: median ms/step, gradient bytes into the driver per step (the pool's ``pool_grad_bytes_to_driver``),
 and whether the outer gradient is bit-identical across all configurations.
@@ -33,6 +37,7 @@ from metaray.cluster import ClusterConfig, InProcessPool, WorkerPool, WorkerSpec
 from metaray.tasks import ModelProblem, SinusoidSource, mlp  # noqa: E402
 
 TASKS = 8
+CEILING = "2 plain processes, compute only (no Ray, nothing moved)"
 
 
 def spec(hidden: int) -> tuple[WorkerSpec, dict]:
@@ -43,6 +48,45 @@ def spec(hidden: int) -> tuple[WorkerSpec, dict]:
                    source=SinusoidSource(shots=10, queries=10),
                    dtype="float32", device="cpu")
     return s, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _compute_only(hidden: int, conn) -> None:
+    """A plain process for the ceiling row: computes the task keys it receives at the fixed x, answers the
+    seconds it took, and keeps the gradients to itself."""
+    torch.set_num_threads(1)
+    s, x = spec(hidden)
+    pool = InProcessPool(s)
+    while (keys := conn.recv()) is not None:
+        t0 = time.perf_counter()
+        pool.step(x, keys)
+        conn.send(time.perf_counter() - t0)
+
+
+class _TwoProcesses:
+    """Two ``_compute_only`` processes behind a pool-like ``step``: half the tasks each, at once."""
+
+    def __init__(self, hidden: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # no fork of a process that runs Ray
+        self.conns, self.procs = [], []
+        for _ in range(2):
+            mine, theirs = ctx.Pipe()
+            self.procs.append(ctx.Process(target=_compute_only, args=(hidden, theirs), daemon=True))
+            self.procs[-1].start()
+            self.conns.append(mine)
+
+    def step(self, x, keys: list[tuple]) -> None:
+        half = len(keys) // 2
+        for conn, part in zip(self.conns, (keys[:half], keys[half:])):
+            conn.send(part)
+        for conn in self.conns:
+            conn.recv()
+
+    def shutdown(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            conn.send(None)
+            proc.join(timeout=30)
 
 
 def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
@@ -67,6 +111,7 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
                 pools["one process, median"] = InProcessPool(s, cfg(1, "driver", "median"))
                 for red in ("driver", "actors"):
                     pools[f"2 actors, median, reduction={red}"] = WorkerPool(s, cfg(2, red, "median"), f"so-med-{red}")
+            pools[CEILING] = _TwoProcesses(hidden)
             times = {name: [] for name in pools}
             grads, bytes_in, reduce_s = {}, {}, {name: [] for name in pools}
             rounds = rounds_of(hidden)
@@ -80,8 +125,10 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
                         t0 = time.perf_counter()
                         res = pool.step(x, keys)
                         times[name].append(time.perf_counter() - t0)
-                        reduce_s[name].append(res.metrics["pool_reduce_seconds"])
                         torch.set_num_threads(1)
+                        if res is None:  # the ceiling's processes keep their gradients
+                            continue
+                        reduce_s[name].append(res.metrics["pool_reduce_seconds"])
                         if r == 0:
                             grads[name] = res.grad
                         bytes_in[name] = res.metrics.get("pool_grad_bytes_to_driver", float("nan"))
@@ -93,10 +140,14 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
             # (not for 2 threads: a matmul's bits depend on the thread count)
             same = {name: None if "2 torch threads" in name else all(torch.equal(g[k], grads[base_of(name)][k]) for k in g)
                     for name, g in grads.items()}
+            same[CEILING] = None
             for name in pools:
                 med, base = statistics.median(times[name]), statistics.median(times[base_of(name)])
-                rows.append([f"{d / 1e6:.1f}M", name, med * 1e3, base / med, statistics.median(reduce_s[name]) * 1e3,
-                             bytes_in[name] / 2**20, "n/a" if same[name] is None else "yes" if same[name] else "NO"])
+                moved = name != CEILING
+                rows.append([f"{d / 1e6:.1f}M", name, med * 1e3, base / med,
+                             statistics.median(reduce_s[name]) * 1e3 if moved else "n/a",
+                             bytes_in[name] / 2**20 if moved else "n/a",
+                             "n/a" if same[name] is None else "yes" if same[name] else "NO"])
             data[str(d)] = {"seconds": times, "reduce_seconds": reduce_s, "bytes_to_driver": bytes_in, "bit_identical": same}
             if not all(v for v in same.values() if v is not None):
                 notes.append(f"d={d}: outer gradients differ between configurations: {same}")

@@ -59,6 +59,13 @@ def _reducing(method: Any) -> Any:
     return method.options(concurrency_group=REDUCE)
 
 
+def _attempts(pool: WorkerPool) -> range:
+    """The bound on a reduction's rounds (and on a group's builds): every actor may die and be recovered
+    ``max_restarts`` times, twice over (once during the round, once while its tasks are computed again), before
+    the step gives up with a PoolError instead of looping."""
+    return range(1 + 2 * pool.num_workers * max(1, pool.config.max_restarts))
+
+
 class _NoGroup(Exception):
     """The first build of an automatically chosen process group failed (the object store is used instead)."""
 
@@ -101,8 +108,10 @@ def _through_object_store(pool: WorkerPool, like: dict, keys: list[tuple], mine:
     starts = [a for a, _ in blocks(d, len(ranks))]
 
     def submit(w: int) -> list:
-        args = ([keys[i] for i in mine[w]], len(ranks)) + (([coefs[i] for i in mine[w]], exps) if coefs else ())
-        return actors[w].slice_kept.options(num_returns=1 + len(ranks), concurrency_group=REDUCE).remote(*args)
+        # the block actor w combines itself stays on it (own=): only the others' blocks travel
+        return actors[w].slice_kept.options(num_returns=1 + len(ranks), concurrency_group=REDUCE).remote(
+            [keys[i] for i in mine[w]], len(ranks), [coefs[i] for i in mine[w]] if coefs else None, exps,
+            own=ranks.index(w))
 
     def finish(parts: dict[int, list]) -> Params:
         if coefs:
@@ -111,7 +120,10 @@ def _through_object_store(pool: WorkerPool, like: dict, keys: list[tuple], mine:
         else:
             refs = [_reducing(actors[w].robust_slice).remote(c.aggregation, c.trim_fraction, *[parts[v][r] for v in ranks])
                     for r, w in enumerate(ranks)]
-        return unflatten(torch.cat(ray.get(refs)), like)
+        combined = ray.get(refs)
+        if any(b is None for b in combined):  # an actor restarted between the two calls: its own block is gone
+            raise _RoundInterrupted("a combining actor lost its own block")
+        return unflatten(torch.cat(combined), like)
 
     return _round(pool, mine, keys, submit, finish)
 
@@ -126,7 +138,7 @@ def _through_group(pool: WorkerPool, like: dict, keys: list[tuple], mine: dict[i
     ray, actors, c, state = pool._ray, pool._actors, pool.config, pool._group
     counts = [len(mine.get(w, [])) for w in range(pool.num_workers)]
     restarts = retries = 0
-    for _ in range(1 + 2 * pool.num_workers * max(1, c.max_restarts)):
+    for _ in _attempts(pool):
         restarts += _ensure_group(pool)
         calls = {w: _reducing(actors[w].reduce_in_group).remote(
             state.generation, [keys[i] for i in mine.get(w, [])], counts,
@@ -161,7 +173,7 @@ def _ensure_group(pool: WorkerPool) -> int:
     joins at once; if one died meanwhile, it is recovered and the build runs again. Returns the restarts counted."""
     ray, state, restarts = pool._ray, pool._group, 0
     failure: BaseException | None = None
-    for _ in range(1 + 2 * pool.num_workers * max(1, pool.config.max_restarts)):
+    for _ in _attempts(pool):
         if not state.stale:
             return restarts
         host, port = state.address(ray.util.get_node_ip_address())
@@ -193,7 +205,7 @@ def _round(pool: WorkerPool, mine: dict[int, list[int]], keys: list[tuple], subm
     again; a worker dying mid-way restarts the round. Returns (gradient, restarts, retries)."""
     ray = pool._ray
     restarts = retries = 0
-    for _ in range(1 + 2 * pool.num_workers * max(1, pool.config.max_restarts)):
+    for _ in _attempts(pool):
         try:
             calls = {w: submit(w) for w in mine}
             parts: dict[int, list] = {}
@@ -219,14 +231,16 @@ def _round(pool: WorkerPool, mine: dict[int, list[int]], keys: list[tuple], subm
 def _recompute(pool: WorkerPool, w: int, keys: list[tuple]) -> int:
     """Worker w computes ``keys`` again at this step's x and keeps the gradients; returns the restarts counted."""
     ray, restarts = pool._ray, 0
-    rs: list[Any]
-    while True:
+    rs: list[Any] = []
+    for _ in _attempts(pool):
         try:
             rs = ray.get([pool._actors[w].run_ref.remote(pool._x_box, k, "train", None, False, True, False, True)
                           for k in keys])
             break
         except pool._lost:
             restarts += pool._recover(w)
+    else:
+        raise PoolError(f"worker {w} kept dying while it computed its tasks again for the reduction")
     bad = [r for r in rs if r["error"]]
     if bad:  # it was finite a moment ago: a non-deterministic problem or solver
         raise PoolError(f"task {bad[0]['key']} computed again on worker {w} for the reduction failed: "

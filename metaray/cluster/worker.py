@@ -151,6 +151,7 @@ class InnerLearner:
         self._x_id: Any = None
         self._x: Params | None = None
         self._kept: dict[Any, Params] = {}  # this step's task gradients, kept here for the reduction (slice_kept)
+        self._own_block: Tensor | None = None  # the block of its share this worker combines itself (slice_kept)
         self._group: Any = None  # this process's rank in the pool's process group (join_group), if any
         self._group_generation, self._group_backend = -1, "gloo"
         self.cancelled = 0  # calls that stopped early because the driver cancelled them (a straggler's losing copy)
@@ -206,6 +207,7 @@ class InnerLearner:
         }
         self._x_id = x_id
         self._kept.clear()  # a new step: gradients kept for an earlier one (a late straggler's) are not wanted
+        self._own_block = None
         return self._x
 
     # ---- the reduction (cluster/reduce.py) ---------------------------------------------------------------
@@ -246,10 +248,12 @@ class InnerLearner:
         return flat
 
     def slice_kept(self, keys: list, ranks: int, coefs: list[float] | None = None,
-                   exps: Mapping[str, int] | None = None) -> tuple:
+                   exps: Mapping[str, int] | None = None, own: int | None = None) -> tuple:
         """(status, block_0, ..., block_{ranks-1}): this worker's share (``_share``) cut into ``ranks``
         contiguous blocks of coordinates (``reduce.blocks``); block r goes to the worker that combines
         coordinates r (``sum_slice`` for mean and weighted, ``robust_slice`` for median and trimmed_mean).
+        Block ``own``, the one this worker combines itself, stays here, on its device, and is answered as None:
+        it never goes through the object store (with one actor, that is the whole share).
 
         Keys not kept here (the process was restarted since) are listed in status["missing"], and no block is
         made. The kept gradients stay until the next step's x arrives, so a failed reduction can run again."""
@@ -257,21 +261,35 @@ class InnerLearner:
         if status["missing"]:
             return (status, *[None] * ranks)
         flat = self._share(keys, coefs, exps)
-        cut = [flat[..., a:b].contiguous() for a, b in reduce.blocks(flat.shape[-1], ranks)]
-        return (status, *[_to_cpu(c) for c in cut])
+        cut = [flat[..., a:b] for a, b in reduce.blocks(flat.shape[-1], ranks)]
+        self._own_block = None if own is None else cut[own]
+        return (status, *[None if r == own else _to_cpu(c.contiguous()) for r, c in enumerate(cut)])
 
-    def sum_slice(self, exps: Mapping[str, int], start: int, *blocks: Tensor) -> Tensor:
+    def _with_own(self, blocks: tuple) -> list[Tensor] | None:
+        """Every worker's block of one coordinate range, on this device: None in ``blocks`` stands for the one
+        ``slice_kept`` left here. None if it is gone (this process was restarted since): the round runs again."""
+        if any(b is None for b in blocks) and self._own_block is None:
+            return None
+        return [self._own_block if b is None else b.to(self.device) for b in blocks]
+
+    def sum_slice(self, exps: Mapping[str, int], start: int, *blocks: Tensor | None) -> Tensor | None:
         """Coordinates start.. of the linear rule's result: the int64 sum of every worker's block of them
-        (fetched here, worker to worker), decoded to this worker's dtype with each coordinate's tensor exponent."""
-        total = blocks[0].to(self.device, copy=True)
-        for b in blocks[1:]:
-            total.add_(b.to(self.device))
+        (fetched here, worker to worker; None: this worker's own, kept by ``slice_kept``), decoded to this
+        worker's dtype with each coordinate's tensor exponent. None if the own block is gone."""
+        if (parts := self._with_own(blocks)) is None:
+            return None
+        total = parts[0]  # never added to in place: it may be this worker's own block, a view of its share
+        for b in parts[1:]:
+            total = total + b
         sizes = {k: v.numel() for k, v in self._x.items()}
         return _to_cpu(reduce.decode_flat(total, start, sizes, exps, self.dtype))
 
-    def robust_slice(self, rule: str, trim_fraction: float, *blocks: Tensor) -> Tensor:
-        """One column block of the robust rule: ``blocks`` are every worker's rows of it (fetched here)."""
-        return _to_cpu(reduce.robust(torch.cat([b.to(self.device) for b in blocks]), rule, trim_fraction))
+    def robust_slice(self, rule: str, trim_fraction: float, *blocks: Tensor | None) -> Tensor | None:
+        """One column block of the robust rule: ``blocks`` are every worker's rows of it (fetched here; None:
+        this worker's own). None if the own block is gone."""
+        if (parts := self._with_own(blocks)) is None:
+            return None
+        return _to_cpu(reduce.robust(torch.cat(parts), rule, trim_fraction))
 
     # ---- the reduction through a process group (cluster/group.py) ---------------------------------------
 
@@ -548,6 +566,9 @@ class RayInnerLearner(InnerLearner):
         # Results (gradients, states) are detached, contiguous and never written after they are returned: the
         # condition under which Ray's zero-copy tensor path is safe, so its per-call warning is noise here.
         warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+        # Tensors that arrive from the object store are read-only views of shared memory; metaray never writes
+        # them (set_x takes a private copy), so torch's warning about non-writable arrays says nothing here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         gpu_ids = ray.get_gpu_ids() if num_gpus > 0 else []
         super().__init__(spec, worker, num_cpus=num_cpus, num_gpus=num_gpus, gpu_ids=gpu_ids, progress=progress,
                          run_name=run_name, task_threads=task_threads)

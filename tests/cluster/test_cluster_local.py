@@ -212,3 +212,43 @@ def test_weighted_step_matches_numpy_average_of_task_gradients():
     for k in x:
         ref = np.average(np.stack([g[k].numpy() for g in singles]), axis=0, weights=w)
         np.testing.assert_allclose(r.grad[k].numpy(), ref, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("rule", ["mean", "median"])
+def test_a_workers_own_block_stays_on_it_and_a_lost_one_restarts_the_round(rule):
+    """The object-store reduction (collective.py) leaves the block a worker combines itself on that worker:
+    ``slice_kept(own=r)`` answers None for block r, and ``sum_slice`` / ``robust_slice`` read it from the
+    worker. The result is the bits of the blocks passed explicitly, and the aggregate of the task gradients; a
+    fresh process (restarted between the two calls) holds no such block and answers None, which the driver
+    takes as a round to run again."""
+    from metaray.cluster.reduce import blocks, coefficients, exponents
+    from metaray.cluster.worker import InnerLearner
+
+    spec = _sine_spec()
+    x = {k: v.double() for k, v in spec.problem().initial_params().items()}
+    learner = InnerLearner(spec, set_threads=False)
+    keys = [("train", 0, i) for i in range(3)]
+    on = learner.set_x(x, x_id=0)  # one step's x: the kept gradients stay until another x arrives
+    outs = [learner.run(on, k, keep=True) for k in keys]
+    grads = [learner.run(on, k)["grad"] for k in keys]  # the same tasks, gradients returned
+    d = sum(v.numel() for v in x.values())
+    linear = rule == "mean"
+    coefs = coefficients(rule, 3, None) if linear else None
+    exps = exponents([o["grad_maxabs"] for o in outs], coefs) if linear else None
+    ranks = 2
+    starts = [a for a, _ in blocks(d, ranks)]
+
+    def combine(worker, r, parts):
+        return worker.sum_slice(exps, starts[r], *parts) if linear else worker.robust_slice(rule, 0.0, *parts)
+
+    for r in range(ranks):
+        status, *mine = learner.slice_kept(keys, ranks, coefs, exps, own=r)
+        _, *every = learner.slice_kept(keys, ranks, coefs, exps)
+        assert not status["missing"] and mine[r] is None and all(m is not None for i, m in enumerate(mine) if i != r)
+        learner.slice_kept(keys, ranks, coefs, exps, own=r)
+        kept = combine(learner, r, [None])
+        assert torch.equal(kept, combine(learner, r, [every[r]]))
+        assert combine(InnerLearner(spec, set_threads=False), r, [None]) is None  # a restarted process
+    want = aggregate(grads, rule, None)
+    got = torch.cat([combine(learner, r, [learner.slice_kept(keys, ranks, coefs, exps)[1 + r]]) for r in range(ranks)])
+    assert torch.equal(got, torch.cat([want[k].reshape(-1) for k in x]))
