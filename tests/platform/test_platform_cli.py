@@ -94,7 +94,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_kill_the_driver_then_resume_gives_the_uninterrupted_params(tmp_path):
-    steps = 400
+    steps = 200  # the kill lands at the first checkpoint (step 5); the rest only has to outlast it
     cfg_path = write_config(tmp_path, steps)
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([PY, "-m", "metaray.platform.cli", "run", str(cfg_path), "--run-dir", str(run_dir)],
@@ -134,7 +134,6 @@ def test_demo_on_a_local_ray_cluster(tmp_path):
     assert (run_dir / "plots" / "learning_curves.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -146,6 +145,7 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+@pytest.mark.slow
 def test_submit_right_after_ray_start_waits_for_the_job_agent_and_says_where_results_are(tmp_path):
     """As a user would: `ray start --head`, then at once `metaray submit` (no waiting of our own: the dashboard
     and its job agent come up seconds later on a loaded machine, and submit must wait for them)."""

@@ -255,7 +255,9 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from metaray.cluster import ClusterConfig, InProcessPool, WorkerPool
 
-c = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "dashboard_port": 8365}})
+# The removed node is declared dead after 3 missed health checks of 1 s (Ray's default: 5 of 3 s, ~15 s more a run)
+c = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "dashboard_port": 8365, "_system_config": {{
+    "health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}}}})
 try:
     nodes = [c.add_node(num_cpus=1) for _ in range(2)]
     c.wait_for_nodes()

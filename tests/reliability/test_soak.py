@@ -1,6 +1,7 @@
 """Soak: many outer steps with 2 actors on a tiny problem; object-store memory, driver RSS and the driver's live
 object references must stay flat. Slow (``pytest -m slow tests/reliability/test_soak.py -s``); the step count is
-``METARAY_SOAK_STEPS`` (default 2000; ``METARAY_SOAK_METRICS=0`` turns the metrics export off). The numbers are printed and, if ``METARAY_SOAK_REPORT`` names a file,
+``METARAY_SOAK_STEPS`` (default 1000, what CI runs; docs/reliability.md reports a 2000-step run;
+``METARAY_SOAK_METRICS=0`` turns the metrics export off). The numbers are printed and, if ``METARAY_SOAK_REPORT`` names a file,
 written there as JSON. A second soak runs 300 steps of second-order MAML (checkpointed, with the per-task memory
 meter on) on an MLP and asserts the actors' RSS and the driver's stay flat too (issue #14: no leaks).
 
@@ -104,19 +105,19 @@ def _run_soak_here(kind: str, steps: int, **options) -> dict:
 
 @pytest.mark.slow
 def test_soak_memory_and_refs_stay_flat():
-    steps = int(os.environ.get("METARAY_SOAK_STEPS", "2000"))
+    steps = int(os.environ.get("METARAY_SOAK_STEPS", "1000"))
     out = soak_in_fresh_driver("quadratic", steps, metrics=os.environ.get("METARAY_SOAK_METRICS", "1") != "0")
     print("\n[soak] " + json.dumps({k: v for k, v in out.items() if k != "final_x"}, indent=1))
     if os.environ.get("METARAY_SOAK_REPORT"):
         with open(os.environ["METARAY_SOAK_REPORT"], "w") as f:
             json.dump(out, f, indent=1)
-    # the same 2,000 steps in-process give the same x (nothing drifted over the long run)
+    # the same steps in-process give the same x (nothing drifted over the long run)
     x = K.x0()
     ref = InProcessPool(K.spec())
     for s in range(steps):
         x = K.sgd(x, ref.step(x, K.keys(s)).grad, lr=0.01)
     assert out["final_x"] == x["x"].tolist()
-    assert abs(out["rss_slope_bytes_per_step"]) < 2048, out          # < 4 MB over 2,000 steps
+    assert abs(out["rss_slope_bytes_per_step"]) < 2048, out          # < 2 KiB a step: < 4 MB over 2,000 steps
     assert abs(out["store_slope_bytes_per_step"]) < 256, out
     assert out["refs_end"] <= out["refs_start"] + 4, out               # no refs pile up in the driver
 

@@ -108,7 +108,8 @@ def test_meta_trained_conv_net_beats_pixel_baseline(tmp_path):
     import metaray.solvers as S
     from metaray.tasks.registry import make_problem
 
-    path = build_glyphs(tmp_path / "g.parquet", classes=1600, samples=20, seed=0)
+    # 400 classes (the split's 256 train classes are plenty for 120 steps) keep the build at ~8 s, not ~22 s
+    path = build_glyphs(tmp_path / "g.parquet", classes=400, samples=20, seed=0)
     spec = make_problem("fewshot-features", dataset=str(path), ways=5, shots=1, queries=5, seed=0)
     solver = S.make("ridge")
     torch.manual_seed(0)
@@ -120,11 +121,11 @@ def test_meta_trained_conv_net_beats_pixel_baseline(tmp_path):
         return np.mean([solver.hypergrad(spec.problem, frozen, spec.source.sample(("test", 0, i))).metrics["accuracy"] for i in range(n)])
 
     baseline = np.mean([nearest_centroid_accuracy(spec.source.sample(("test", 0, i))) for i in range(100)])
-    for step in range(200):
+    for step in range(120):
         frozen = {k: v.detach() for k, v in x.items()}
         hgs = [solver.hypergrad(spec.problem, frozen, spec.source.sample(("train", step, i))) for i in range(4)]
         for k, v in x.items():
             v.grad = sum(h.grad[k] for h in hgs) / len(hgs)
         opt.step()
     trained = test_accuracy()
-    assert trained > baseline + 0.2, (trained, baseline)  # measured: 0.85 vs 0.41 after 200 steps
+    assert trained > baseline + 0.2, (trained, baseline)  # measured: 0.77 vs 0.40 (1,600 classes, 200 steps: 0.85 vs 0.41)
