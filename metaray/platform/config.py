@@ -247,10 +247,12 @@ class ClusterSettings(_Section):
                                  "true, false or 'auto'"))
 
     def validate(self) -> None:
-        if self.task_threads > 1 and self.tasks_per_batch == 1:
-            raise ConfigError(f"cluster.task_threads = {self.task_threads} computes a call's tasks in parallel, but "
-                              "cluster.tasks_per_batch = 1 sends one task per call; set tasks_per_batch to an int > 1 "
-                              "or 'auto'")
+        # The fields' cross-checks (task_threads against tasks_per_batch, ...) live in one place, ClusterConfig;
+        # its message names the field as this file does.
+        try:
+            self.cluster_config()
+        except ValueError as e:
+            raise ConfigError(str(e).replace("ClusterConfig.", "cluster.")) from None
 
     def cluster_config(self):
         from ..cluster.config import ClusterConfig

@@ -87,6 +87,8 @@ def test_wrong_types_are_named(text, needle):
         (BASE.replace("inner_lr = 0.05", "inner_lr = 0.0"), "option 'inner_lr' must be > 0, got 0.0"),
         (BASE.replace("lr = 0.1", "lr = inf"), "outer.lr must be finite"),
         (BASE.replace('name = "t"', 'name = "a b"'), "name must be a non-empty string without spaces"),
+        (BASE + "[cluster]\ntask_threads = 2\n", "cluster.task_threads=2 computes a call's tasks in parallel, but "
+         "tasks_per_batch=1 sends one task per call"),
     ],
 )
 def test_bad_values_are_named(text, needle):
