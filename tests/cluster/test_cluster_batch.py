@@ -94,7 +94,7 @@ def test_task_threads_is_validated():
             ClusterConfig(task_threads=bad, tasks_per_batch="auto")
     with pytest.raises(ValueError, match="tasks_per_batch=1 sends one task per call"):
         ClusterConfig(task_threads=2)
-    with pytest.raises(ConfigError, match="cluster.tasks_per_batch = 1 sends one task per call"):
+    with pytest.raises(ConfigError, match=r"^cluster\.task_threads=2 computes .* tasks_per_batch=1 sends one task per call"):
         ClusterSettings(task_threads=2)
     assert ClusterSettings(task_threads=2, tasks_per_batch=4).cluster_config().task_threads == 2
 
