@@ -20,7 +20,11 @@ in interleaved rounds (this machine is shared: only ratios measured in one run m
 Reported: median ms/step, gradient bytes into the driver per step (the pool's ``pool_grad_bytes_to_driver``),
 and whether the outer gradient is bit-identical across all configurations.
 
-    .venv/bin/python benchmarks/scale_out.py [--quick] [--json OUT.json]
+    .venv/bin/python benchmarks/scale_out.py [--quick] [--json OUT.json] [--sizes 1000 3162] [--rounds N]
+                                             [--only "one process" "1 actor, reduction=actors"]
+
+``--sizes`` are hidden widths H, ``--rounds`` overrides the interleaved rounds, ``--only`` keeps the named
+configurations (a longer side by side of two of them, e.g. 1 actor against one process).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import section_main, table  # noqa: E402  (puts the checkout on sys.path)
+from common import add_common_args, table, write_section  # noqa: E402  (puts the checkout on sys.path)
 
 from metaray.cluster import ClusterConfig, InProcessPool, WorkerPool, WorkerSpec  # noqa: E402
 from metaray.tasks import ModelProblem, SinusoidSource, mlp  # noqa: E402
@@ -89,11 +93,12 @@ class _TwoProcesses:
             proc.join(timeout=30)
 
 
-def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
+def build(quick: bool, img_dir: Path, sizes: list[int] | None = None, rounds: int | None = None,
+          only: list[str] | None = None) -> dict:
     import ray
 
     sizes = sizes or ([1000] if quick else [1000, 3162, 5477])  # hidden width H: d = 1.0M, 10.0M, 30.0M
-    rounds_of = lambda hidden: 2 if quick else (5 if hidden <= 1000 else 3)  # noqa: E731
+    rounds_of = lambda hidden: rounds or (2 if quick else (5 if hidden <= 1000 else 3))  # noqa: E731
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows, data, notes = [], {}, []
     try:
@@ -102,16 +107,22 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
             d = sum(v.numel() for v in x.values())
             cfg = lambda n, red, rule="mean", coll="auto": ClusterConfig(  # noqa: E731
                 num_workers=n, num_cpus_per_worker=0.125, metrics=False, reduction=red, aggregation=rule, collective=coll)
-            pools = {"one process": InProcessPool(s), "one process, 2 torch threads": InProcessPool(s)}
+            makers = {"one process": lambda: InProcessPool(s), "one process, 2 torch threads": lambda: InProcessPool(s)}
             for n in (1, 2):
                 for red in ("driver", "actors"):
-                    pools[f"{n} actor{'s' if n > 1 else ''}, reduction={red}"] = WorkerPool(s, cfg(n, red), f"so-{hidden}-{n}-{red}")
-            pools["2 actors, reduction=actors, gloo"] = WorkerPool(s, cfg(2, "actors", coll="gloo"), f"so-{hidden}-gloo")
+                    makers[f"{n} actor{'s' if n > 1 else ''}, reduction={red}"] = functools.partial(
+                        WorkerPool, s, cfg(n, red), f"so-{hidden}-{n}-{red}")
+            makers["2 actors, reduction=actors, gloo"] = lambda: WorkerPool(s, cfg(2, "actors", coll="gloo"), f"so-{hidden}-gloo")
             if hidden == sizes[0]:  # the coordinate-wise median: gathered and sorted in the driver, or sharded
-                pools["one process, median"] = InProcessPool(s, cfg(1, "driver", "median"))
+                makers["one process, median"] = lambda: InProcessPool(s, cfg(1, "driver", "median"))
                 for red in ("driver", "actors"):
-                    pools[f"2 actors, median, reduction={red}"] = WorkerPool(s, cfg(2, red, "median"), f"so-med-{red}")
-            pools[CEILING] = _TwoProcesses(hidden)
+                    makers[f"2 actors, median, reduction={red}"] = functools.partial(
+                        WorkerPool, s, cfg(2, red, "median"), f"so-med-{red}")
+            makers[CEILING] = lambda: _TwoProcesses(hidden)
+            # each configuration is timed against the one-process run of its own rule, which is always kept
+            base_of = lambda name: "one process, median" if "median" in name else "one process"  # noqa: E731
+            keep = {n for n in makers if not only or n in only}
+            pools = {name: make() for name, make in makers.items() if name in keep | {base_of(n) for n in keep}}
             times = {name: [] for name in pools}
             grads, bytes_in, reduce_s = {}, {}, {name: [] for name in pools}
             rounds = rounds_of(hidden)
@@ -120,7 +131,8 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
                     pool.step(x, [("train", 0, i) for i in range(TASKS)])
                 for r in range(rounds):
                     for name, pool in pools.items():
-                        keys = [("train", 1 + r, i) for i in range(TASKS)]
+                        # steps 1-5's tasks, again after round 5 (a later one diverges at this inner lr)
+                        keys = [("train", 1 + r % 5, i) for i in range(TASKS)]
                         torch.set_num_threads(2 if "2 torch threads" in name else 1)
                         t0 = time.perf_counter()
                         res = pool.step(x, keys)
@@ -135,8 +147,6 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
             finally:
                 for pool in pools.values():
                     pool.shutdown()
-            # each configuration against the one-process run of its own rule
-            base_of = lambda name: "one process, median" if "median" in name else "one process"  # noqa: E731
             # (not for 2 threads: a matmul's bits depend on the thread count)
             same = {name: None if "2 torch threads" in name else all(torch.equal(g[k], grads[base_of(name)][k]) for k in g)
                     for name, g in grads.items()}
@@ -169,4 +179,13 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    section_main(__doc__, build)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="hidden widths H (d = H^2 + 3H + 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds per size")
+    ap.add_argument("--only", nargs="+", default=None, help="configuration names to keep")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    write_section(args.json, build(args.quick, Path(args.img_dir), args.sizes, args.rounds, args.only))
