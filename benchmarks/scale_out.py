@@ -48,7 +48,7 @@ def spec(hidden: int) -> tuple[WorkerSpec, dict]:
     torch.manual_seed(0)
     model = mlp([1, hidden, hidden, 1])
     s = WorkerSpec(problem=functools.partial(ModelProblem, model, "mse"), solver="fomaml",
-                   solver_options={"inner_steps": 5, "inner_lr": 0.01 * (1000 / hidden) ** 2},  # wider: smaller steps
+                   solver_options={"inner_steps": 5, "inner_lr": 0.01 * min(1.0, (1000 / hidden) ** 2)},  # wider: smaller
                    source=SinusoidSource(shots=10, queries=10),
                    dtype="float32", device="cpu")
     return s, {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -183,7 +183,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
-    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="hidden widths H (d = H^2 + 3H + 1)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="hidden widths H (d = H^2 + 4H + 1)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds per size")
     ap.add_argument("--only", nargs="+", default=None, help="configuration names to keep")
     args = ap.parse_args()

@@ -64,3 +64,26 @@ def test_gpu_benchmark_cpu_smoke_mode_runs_end_to_end():
     assert set(out["actors_sharing_the_device"]) == {"1", "2", "1, prefetch off"}
     assert all(isinstance(v, dict) and v["tasks_per_s"] > 0 for v in out["actors_sharing_the_device"].values())
     assert not out["actors_sharing_the_device"]["1"]["prefetch"]  # "auto" leaves CPU actors without it
+
+
+@pytest.mark.slow
+def test_scale_out_benchmark_runs_a_part_of_itself(tmp_path):
+    """benchmarks/scale_out.py as a user runs a part of it (its own Ray cluster, so a subprocess): the 2 actors'
+    outer gradient is the one-process bits, the driver receives one gradient (4d bytes) from them against
+    8 x 4d in one process, and the ceiling row (two plain processes) is timed."""
+    import subprocess
+
+    ceiling = "2 plain processes, compute only (no Ray, nothing moved)"
+    out = tmp_path / "so.json"
+    done = subprocess.run([sys.executable, str(BENCH / "scale_out.py"), "--sizes", "400", "--rounds", "1", "--only",
+                           "2 actors, reduction=actors", ceiling, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sec = json.loads(out.read_text())
+    rows = {r[1]: r for r in sec["tables"][0]["rows"]}
+    assert set(rows) == {"one process", "2 actors, reduction=actors", ceiling} and not sec["notes"]
+    assert rows["2 actors, reduction=actors"][-1] == "yes"
+    d = 400 * 400 + 4 * 400 + 1  # MLP 1-400-400-1
+    (data,) = sec["data"].values()
+    assert data["bytes_to_driver"] == {"one process": 8 * 4 * d, "2 actors, reduction=actors": 4 * d}
+    assert len(data["seconds"][ceiling]) == 1 and data["seconds"][ceiling][0] > 0
