@@ -12,10 +12,11 @@ in interleaved rounds (this machine is shared: only ratios measured in one run m
   ``collective="gloo"`` (a torch.distributed gloo group among them);
 - the coordinate-wise median (1.0M params only): in one process, gathered in the driver, and sharded by
   coordinate among 2 actors;
-- the machine's own ceiling for two workers: two plain OS processes (no Ray), each computing (and summing) 4 of the 8 tasks
-  at once with one thread, timed from "go" to both done, with no gradient moved or added. No framework's 2
-  workers can beat it; where it is well under 2x, the cores slow each other (shared caches, memory bandwidth,
-  a shared host), not the data path.
+- two plain OS processes (no Ray), each running the one-process pool on 4 of the 8 tasks at once with one
+  thread, timed from "go" to both done, with no gradient moved between them: what two workers reach with no
+  data path at all. Where it is well under 2x, the cores slow each other (shared caches, memory bandwidth, a
+  shared host). It bounds the actors where the step is compute-bound (1M); from 10M on the actors have beaten
+  it (an actor's step is itself up to 1.09x one process's there), so it is no bound at those sizes.
 
 Reported: median ms/step, gradient bytes into the driver per step (the pool's ``pool_grad_bytes_to_driver``),
 and whether the outer gradient is bit-identical across all configurations.
