@@ -5,7 +5,7 @@ Workload (the issue's): first-order MAML on sinusoid tasks, MLP 1-H-H-1 (H = 100
 in interleaved rounds (this machine is shared: only ratios measured in one run mean anything):
 
 - one process (InProcessPool: no Ray), with one torch thread and with two (both cores through torch's own
-  threads: the ceiling of what the actors can add on this machine);
+  threads);
 - 1 and 2 Ray actors with ``reduction="driver"`` (every task's gradient goes to the driver, as before #17);
 - 1 and 2 Ray actors with ``reduction="actors"`` (exact int64 partial sums reduced among the actors; the driver
   receives one gradient), the blocks moved through Ray's object store (the CPU default), and 2 actors with
@@ -42,7 +42,7 @@ from metaray.cluster import ClusterConfig, InProcessPool, WorkerPool, WorkerSpec
 from metaray.tasks import ModelProblem, SinusoidSource, mlp  # noqa: E402
 
 TASKS = 8
-CEILING = "2 plain processes, compute only (no Ray, nothing moved)"
+PLAIN = "2 plain processes, compute only (no Ray, nothing moved)"
 
 
 def spec(hidden: int) -> tuple[WorkerSpec, dict]:
@@ -56,7 +56,7 @@ def spec(hidden: int) -> tuple[WorkerSpec, dict]:
 
 
 def _compute_only(hidden: int, conn) -> None:
-    """A plain process for the ceiling row: computes the task keys it receives at the fixed x, answers the
+    """A plain process of the two-plain-processes row: computes the task keys it receives at the fixed x, answers the
     seconds it took, and keeps the gradients to itself."""
     torch.set_num_threads(1)
     s, x = spec(hidden)
@@ -119,7 +119,7 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None, rounds: in
                 for red in ("driver", "actors"):
                     makers[f"2 actors, median, reduction={red}"] = functools.partial(
                         WorkerPool, s, cfg(2, red, "median"), f"so-med-{red}")
-            makers[CEILING] = lambda: _TwoProcesses(hidden)
+            makers[PLAIN] = lambda: _TwoProcesses(hidden)
             # each configuration is timed against the one-process run of its own rule, which is always kept
             base_of = lambda name: "one process, median" if "median" in name else "one process"  # noqa: E731
             keep = {n for n in makers if not only or n in only}
@@ -139,7 +139,7 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None, rounds: in
                         res = pool.step(x, keys)
                         times[name].append(time.perf_counter() - t0)
                         torch.set_num_threads(1)
-                        if res is None:  # the ceiling's processes keep their gradients
+                        if res is None:  # the plain processes keep their gradients
                             continue
                         reduce_s[name].append(res.metrics["pool_reduce_seconds"])
                         if r == 0:
@@ -151,10 +151,10 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None, rounds: in
             # (not for 2 threads: a matmul's bits depend on the thread count)
             same = {name: None if "2 torch threads" in name else all(torch.equal(g[k], grads[base_of(name)][k]) for k in g)
                     for name, g in grads.items()}
-            same[CEILING] = None
+            same[PLAIN] = None
             for name in pools:
                 med, base = statistics.median(times[name]), statistics.median(times[base_of(name)])
-                moved = name != CEILING
+                moved = name != PLAIN
                 rows.append([f"{d / 1e6:.1f}M", name, med * 1e3, base / med,
                              statistics.median(reduce_s[name]) * 1e3 if moved else "n/a",
                              bytes_in[name] / 2**20 if moved else "n/a",

@@ -70,20 +70,20 @@ def test_gpu_benchmark_cpu_smoke_mode_runs_end_to_end():
 def test_scale_out_benchmark_runs_a_part_of_itself(tmp_path):
     """benchmarks/scale_out.py as a user runs a part of it (its own Ray cluster, so a subprocess): the 2 actors'
     outer gradient is the one-process bits, the driver receives one gradient (4d bytes) from them against
-    8 x 4d in one process, and the ceiling row (two plain processes) is timed."""
+    8 x 4d in one process, and the row of two plain processes is timed."""
     import subprocess
 
-    ceiling = "2 plain processes, compute only (no Ray, nothing moved)"
+    plain = "2 plain processes, compute only (no Ray, nothing moved)"
     out = tmp_path / "so.json"
     done = subprocess.run([sys.executable, str(BENCH / "scale_out.py"), "--sizes", "400", "--rounds", "1", "--only",
-                           "2 actors, reduction=actors", ceiling, "--json", str(out)],
+                           "2 actors, reduction=actors", plain, "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     sec = json.loads(out.read_text())
     rows = {r[1]: r for r in sec["tables"][0]["rows"]}
-    assert set(rows) == {"one process", "2 actors, reduction=actors", ceiling} and not sec["notes"]
+    assert set(rows) == {"one process", "2 actors, reduction=actors", plain} and not sec["notes"]
     assert rows["2 actors, reduction=actors"][-1] == "yes"
     d = 400 * 400 + 4 * 400 + 1  # MLP 1-400-400-1
     (data,) = sec["data"].values()
     assert data["bytes_to_driver"] == {"one process": 8 * 4 * d, "2 actors, reduction=actors": 4 * d}
-    assert len(data["seconds"][ceiling]) == 1 and data["seconds"][ceiling][0] > 0
+    assert len(data["seconds"][plain]) == 1 and data["seconds"][plain][0] > 0
