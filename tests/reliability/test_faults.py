@@ -255,9 +255,10 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from metaray.cluster import ClusterConfig, InProcessPool, WorkerPool
 
-# The removed node is declared dead after 3 missed health checks of 1 s (Ray's default: 5 of 3 s, ~15 s more a run)
+# The removed node is declared dead after 3 health checks in a row, 1 s apart, go unanswered for 2 s each (Ray's
+# default: 5 checks 3 s apart, ~10 s more a run); 2 s leaves a live raylet on a loaded machine time to answer
 c = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "dashboard_port": 8365, "_system_config": {{
-    "health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}}}})
+    "health_check_period_ms": 1000, "health_check_timeout_ms": 2000, "health_check_failure_threshold": 3}}}})
 try:
     nodes = [c.add_node(num_cpus=1) for _ in range(2)]
     c.wait_for_nodes()
