@@ -18,6 +18,11 @@ in interleaved rounds (this machine is shared: only ratios measured in one run m
   shared host). It bounds the actors where the step is compute-bound (1M); from 10M on the actors have beaten
   it (an actor's step is itself up to 1.09x one process's there), so it is no bound at those sizes.
 
+- host memory returned (``ClusterConfig.keep_host_memory=False``): one plain process (no Ray, a fresh process:
+  the setting cannot be undone in this one) and 2 actors with glibc's default of giving freed memory back to the
+  OS, so that from 10M params on every gradient-sized tensor page-faults anew each step; every other row keeps
+  freed memory for reuse (the default).
+
 Reported: median ms/step, gradient bytes into the driver per step (the pool's ``pool_grad_bytes_to_driver``),
 and whether the outer gradient is bit-identical across all configurations.
 
@@ -29,6 +34,7 @@ configurations (a longer side by side of two of them, e.g. 1 actor against one p
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -43,6 +49,8 @@ from metaray.tasks import ModelProblem, SinusoidSource, mlp  # noqa: E402
 
 TASKS = 8
 PLAIN = "2 plain processes, compute only (no Ray, nothing moved)"
+RETURNED_SHORT = "host memory returned"
+RETURNED = f"one process, {RETURNED_SHORT}"  # a plain process, like PLAIN's, with keep_host_memory=False
 
 
 def spec(hidden: int) -> tuple[WorkerSpec, dict]:
@@ -55,36 +63,37 @@ def spec(hidden: int) -> tuple[WorkerSpec, dict]:
     return s, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def _compute_only(hidden: int, conn) -> None:
-    """A plain process of the two-plain-processes row: computes the task keys it receives at the fixed x, answers the
+def _compute_only(hidden: int, keep_memory: bool, conn) -> None:
+    """A plain process of the plain-process rows: computes the task keys it receives at the fixed x, answers the
     seconds it took, and keeps the gradients to itself."""
     torch.set_num_threads(1)
     s, x = spec(hidden)
-    pool = InProcessPool(s)
+    pool = InProcessPool(s, ClusterConfig(num_workers=1, metrics=False, keep_host_memory=keep_memory))
     while (keys := conn.recv()) is not None:
         t0 = time.perf_counter()
         pool.step(x, keys)
         conn.send(time.perf_counter() - t0)
 
 
-class _TwoProcesses:
-    """Two ``_compute_only`` processes behind a pool-like ``step``: half the tasks each, at once."""
+class _PlainProcesses:
+    """``n`` ``_compute_only`` processes behind a pool-like ``step``: an n-th of the tasks each, at once. A fresh
+    process is what "host memory returned" needs: keeping it (cluster/host_memory.py) cannot be undone in a process."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, n: int, keep_memory: bool = True):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # no fork of a process that runs Ray
         self.conns, self.procs = [], []
-        for _ in range(2):
+        for _ in range(n):
             mine, theirs = ctx.Pipe()
-            self.procs.append(ctx.Process(target=_compute_only, args=(hidden, theirs), daemon=True))
+            self.procs.append(ctx.Process(target=_compute_only, args=(hidden, keep_memory, theirs), daemon=True))
             self.procs[-1].start()
             self.conns.append(mine)
 
     def step(self, x, keys: list[tuple]) -> None:
-        half = len(keys) // 2
-        for conn, part in zip(self.conns, (keys[:half], keys[half:])):
-            conn.send(part)
+        n = len(self.conns)
+        for i, conn in enumerate(self.conns):
+            conn.send(keys[i * len(keys) // n:(i + 1) * len(keys) // n])
         for conn in self.conns:
             conn.recv()
 
@@ -119,7 +128,12 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None, rounds: in
                 for red in ("driver", "actors"):
                     makers[f"2 actors, median, reduction={red}"] = functools.partial(
                         WorkerPool, s, cfg(2, red, "median"), f"so-med-{red}")
-            makers[PLAIN] = lambda: _TwoProcesses(hidden)
+            makers[PLAIN] = lambda: _PlainProcesses(hidden, 2)
+            # ClusterConfig.keep_host_memory=False: freed gradients go back to the OS (glibc's default) and page-fault
+            # anew each step; the one-process row is a fresh process (the setting cannot be undone in this one)
+            makers[RETURNED] = lambda: _PlainProcesses(hidden, 1, keep_memory=False)
+            makers[f"2 actors, reduction=actors, {RETURNED_SHORT}"] = lambda: WorkerPool(
+                s, dataclasses.replace(cfg(2, "actors"), keep_host_memory=False), f"so-{hidden}-returned")
             # each configuration is timed against the one-process run of its own rule, which is always kept
             base_of = lambda name: "one process, median" if "median" in name else "one process"  # noqa: E731
             keep = {n for n in makers if not only or n in only}
@@ -151,10 +165,10 @@ def build(quick: bool, img_dir: Path, sizes: list[int] | None = None, rounds: in
             # (not for 2 threads: a matmul's bits depend on the thread count)
             same = {name: None if "2 torch threads" in name else all(torch.equal(g[k], grads[base_of(name)][k]) for k in g)
                     for name, g in grads.items()}
-            same[PLAIN] = None
+            same.update({PLAIN: None, RETURNED: None})
             for name in pools:
                 med, base = statistics.median(times[name]), statistics.median(times[base_of(name)])
-                moved = name != PLAIN
+                moved = name not in (PLAIN, RETURNED)
                 rows.append([f"{d / 1e6:.1f}M", name, med * 1e3, base / med,
                              statistics.median(reduce_s[name]) * 1e3 if moved else "n/a",
                              bytes_in[name] / 2**20 if moved else "n/a",

@@ -17,6 +17,7 @@ os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
 
 from .aggregate import aggregate  # noqa: E402
 from .config import AGGREGATIONS, STRATEGIES, ClusterConfig, WorkerSpec  # noqa: E402
+from .host_memory import keep_host_memory  # noqa: E402
 from .pool import (  # noqa: E402
     InProcessPool,
     NonFiniteStepError,
@@ -45,6 +46,7 @@ __all__ = [
     "WorkerSpec",
     "aggregate",
     "init_ray",
+    "keep_host_memory",
     "owner",
     "task_id",
 ]

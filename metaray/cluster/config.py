@@ -155,6 +155,12 @@ class ClusterConfig:
                           non-blocking copy on a side stream): True | False | "auto" (default: on for actors that
                           compute on a GPU, off on CPUs, where the loading thread would share the computation's
                           cores; True also suits a CPU actor whose sampling waits on storage). Same bits either way.
+    keep_host_memory:     keep freed host memory in the driver's and every actor's process for reuse
+                          (cluster/host_memory.py: glibc's mmap threshold raised and its heap padded by 1 GiB), so
+                          gradient-sized tensors above 32 MiB (d > 8M in float32) stop page-faulting anew every
+                          step: 2.1x faster fomaml steps at d = 10M on a CPU. A process's resident memory then stays
+                          near its peak (plus up to 1 GiB) instead of shrinking after each step. True (default) |
+                          False. Same bits either way.
     """
 
     num_workers: int = 2
@@ -177,6 +183,7 @@ class ClusterConfig:
     collective_timeout_s: float = 120.0
     prefetch: bool | str = "auto"
     task_threads: int = 1
+    keep_host_memory: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -203,7 +210,7 @@ class ClusterConfig:
             raise bad("max_restarts", "an int >= 0")
         if self.address is not None and (not isinstance(self.address, str) or not self.address):
             raise bad("address", "None or a Ray address string such as 'auto' or 'ray://host:10001'")
-        for name in ("metrics", "progress"):
+        for name in ("metrics", "progress", "keep_host_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")
         if not isinstance(self.state_snapshot_every, int) or isinstance(self.state_snapshot_every, bool) or self.state_snapshot_every < 0:

@@ -43,6 +43,7 @@ from .collective import reduce_on_actors
 from .dispatch import StepDispatch, chunks
 from .errors import NonFiniteStepError, PlacementTimeoutError, PoolError  # noqa: F401  (public here too)
 from .group import GroupState
+from .host_memory import keep_host_memory
 from .worker import InnerLearner, TaskId, owner, task_id
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -96,6 +97,8 @@ class _PoolBase(abc.ABC):
             raise TypeError(f"config must be a ClusterConfig, got {type(config).__name__}")
         check_spec_for_config(spec, config)
         self.spec, self.config, self.run_name = spec, config, _check_run_name(run_name)
+        if config.keep_host_memory:  # the driver's copies of x and the step's gradient (host_memory.py)
+            keep_host_memory()
         import importlib
 
         for module in spec.imports:
@@ -609,6 +612,8 @@ class WorkerPool(_PoolBase):
 
         c = self.config
         env = dict(ZERO_COPY_ENV)
+        if c.keep_host_memory:  # every thread of the actor allocates from the heap keep_host_memory pads (host_memory.py)
+            env["MALLOC_ARENA_MAX"] = "1"
         if c.num_gpus_per_worker == 0:
             env["CUDA_VISIBLE_DEVICES"] = ""  # Ray >= 2.60 no longer hides GPUs from zero-GPU actors
         try:
@@ -621,7 +626,7 @@ class WorkerPool(_PoolBase):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=self._bundle_offset + i),
                 runtime_env={"env_vars": env},
             ).remote(self._spec_ref, i, c.num_cpus_per_worker, c.num_gpus_per_worker, c.progress, self.run_name,
-                     c.task_threads)
+                     c.task_threads, c.keep_host_memory)
         except ValueError as e:
             if "already" in str(e).lower():
                 raise PoolError(

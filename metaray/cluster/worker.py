@@ -30,6 +30,7 @@ from ..solvers.core import NonFiniteError, Params, check_grad_finite, check_same
 from ..tasks.precision import check_precision, with_precision
 from . import group, reduce
 from .config import WorkerSpec
+from .host_memory import host_memory_kept, host_page_faults, keep_host_memory
 from .loader import TaskLoader, move
 
 TaskId = tuple[str, int]
@@ -175,6 +176,10 @@ class InnerLearner:
             "cancelled": self.cancelled,
             "prefetch": self.tasks.stats(),
             "task_threads": self._threads.threads if self._threads is not None else 1,
+            "host_memory_kept": host_memory_kept(),
+            # the process's page faults so far: a count that grows by d/1024 per gradient-sized tensor a step says
+            # freed host memory went back to the OS (host_memory.py)
+            "host_page_faults": host_page_faults(),
         }
 
     def pid(self) -> int:
@@ -554,9 +559,12 @@ class RayInnerLearner(InnerLearner):
     """The actor body: resolves the step's x reference once per step, then runs tasks like InnerLearner."""
 
     def __init__(self, spec: WorkerSpec | bytes, worker: int, num_cpus: float, num_gpus: float, progress: bool,
-                 run_name: str, task_threads: int = 1):
+                 run_name: str, task_threads: int = 1, keep_freed_host_memory: bool = True):
         import pickle
         import warnings
+
+        if keep_freed_host_memory:  # before the problem is built: every allocation after this is reused (host_memory.py)
+            keep_host_memory()
 
         if isinstance(spec, bytes):
             spec = pickle.loads(spec)
