@@ -158,9 +158,9 @@ class ClusterConfig:
     keep_host_memory:     keep freed host memory in the driver's and every actor's process for reuse
                           (cluster/host_memory.py: glibc's mmap threshold raised and its heap padded by 1 GiB), so
                           gradient-sized tensors above 32 MiB (d > 8M in float32) stop page-faulting anew every
-                          step: 1.75-1.9x faster fomaml steps at d = 10M on a CPU. A process's resident memory then stays
-                          near its peak (plus up to 1 GiB) instead of shrinking after each step. True (default) |
-                          False. Same bits either way.
+                          step: 1.75-1.9x faster fomaml steps at d = 10M on a CPU. A process's resident memory then
+                          stays near its peak (plus up to 1 GiB) instead of shrinking after each step. True
+                          (default) | False. Same bits either way.
     """
 
     num_workers: int = 2
