@@ -61,6 +61,8 @@ BENCHES = [
           timeout_full=300, timeout_quick=90, json_args=False),
     Bench("scale_out", "Scale-out: where the task hypergradients are reduced", "scale_out.py", "json",
           timeout_full=1500, timeout_quick=150),
+    Bench("exact_sum", "The exact sum's encoder: tasks at once vs one at a time", "exact_sum.py", "json",
+          timeout_full=300, timeout_quick=60),
     Bench("distributed_peer", "Distributed MAML: metaray's actors vs torchopt.distributed", "distributed_peer.py", "json",
           timeout_full=600, timeout_quick=240),
     Bench("scale_sim", "Scale simulation: 4 Ray nodes, up to 16 actors", "scale_sim.py", "json",

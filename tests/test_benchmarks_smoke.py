@@ -87,3 +87,15 @@ def test_scale_out_benchmark_runs_a_part_of_itself(tmp_path):
     (data,) = sec["data"].values()
     assert data["bytes_to_driver"] == {"one process": 8 * 4 * d, "2 actors, reduction=actors": 4 * d}
     assert len(data["seconds"][plain]) == 1 and data["seconds"][plain][0] > 0
+
+
+def test_exact_sum_benchmark_compares_the_same_bits(tmp_path):
+    """benchmarks/exact_sum.py --quick: both exact encoders (tasks at once, one at a time) give the same bits at
+    d = 1M for 4 and 8 tasks, and every mode is timed."""
+    import exact_sum
+
+    sec = exact_sum.build(quick=True, img_dir=tmp_path)
+    assert not sec["notes"], sec["notes"]
+    assert set(sec["data"]) == {"1000000/4", "1000000/8"}
+    assert all(v["bit_identical"] for v in sec["data"].values())
+    assert all(t > 0 for v in sec["data"].values() for ts in v["seconds"].values() for t in ts)

@@ -86,59 +86,90 @@ def encode(grad: Mapping[str, Tensor], coef: float, exps: Mapping[str, int]) -> 
     return out
 
 
-_CHUNK = 1 << 17  # elements per pass of encode_into on a CPU: 1 MiB of float64 scratch, resident in cache
+_CHUNK = 1 << 17  # elements per pass on a CPU: 1 MiB of float64 scratch, resident in cache
+
+
+def _spans(n: int, device: torch.device) -> range:
+    """Chunk starts over n elements: _CHUNK at a time on a CPU, all at once on a GPU (one kernel per op)."""
+    return range(0, n, n if device.type != "cpu" else _CHUNK) if n else range(0)
+
+
+def encode_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float], exps: Mapping[str, int],
+               out: dict[str, Tensor] | None = None, *, add: bool = False) -> dict[str, Tensor]:
+    """Σ_i encode(grads[i], coefs[i], exps) (int64, exact), to the bit, in ``out`` (new tensors when None;
+    overwritten, or added to with ``add``).
+
+    Chunks outside, tasks inside: on a CPU each chunk of the accumulator stays in cache while every task's
+    chunk goes through one small float64 scratch buffer, so the int64 sum is written to memory once per step,
+    not once per task, and no gradient-sized temporary is made (measured here with 8 tasks: 25% less time than
+    one task at a time at d = 1M and 10M, and ~7x less than adding ``encode``'s fresh 80 MB results at 10M)."""
+    if len(grads) != len(coefs) or not grads:
+        raise ValueError(f"encode_sum needs one coefficient per gradient, got {len(grads)} and {len(coefs)}")
+    out = {} if out is None else out
+    for k, like in grads[0].items():
+        flats = [g[k].detach().reshape(-1) for g in grads]
+        factors = [math.ldexp(float(c), int(exps[k])) for c in coefs]
+        if k not in out:
+            out[k] = torch.empty(like.shape, dtype=torch.int64, device=like.device)
+        dst, n = out[k].view(-1), flats[0].numel()
+        spans = _spans(n, like.device)
+        scratch = torch.empty(min(spans.step, n) if n else 0, dtype=torch.float64, device=like.device)
+        as_int = torch.empty_like(scratch, dtype=torch.int64)
+        for a in spans:
+            b = min(a + spans.step, n)
+            buf, ints, acc = scratch[: b - a], as_int[: b - a], dst[a:b]
+            for i, (flat, factor) in enumerate(zip(flats, factors)):
+                buf.copy_(flat[a:b]).mul_(factor).round_()  # exact in float64 up to the one rounding
+                if i == 0 and not add:
+                    acc.copy_(buf)
+                else:
+                    acc.add_(ints.copy_(buf))
+    return out
 
 
 def encode_into(acc: dict[str, Tensor] | None, grad: Mapping[str, Tensor], coef: float,
                 exps: Mapping[str, int]) -> dict[str, Tensor]:
-    """acc += encode(grad, coef, exps) (int64, exact), to the bit, without the whole-gradient float64 and int64
-    temporaries: on a CPU the gradient goes through a small float64 scratch buffer chunk by chunk (measured here
-    at 10M floats: ~7x faster than adding ``encode``'s result, whose fresh 80 MB temporaries cost page faults and
-    cache misses). A new accumulator when acc is None."""
-    out = {} if acc is None else acc
-    for k, g in grad.items():
-        factor = math.ldexp(float(coef), int(exps[k]))
-        flat = g.detach().reshape(-1)
-        if k not in out:
-            out[k] = torch.zeros(g.shape, dtype=torch.int64, device=g.device)
-        dst = out[k].view(-1)
-        n = flat.numel()
-        step = n if flat.device.type != "cpu" else _CHUNK  # a GPU takes the tensor in one pass
-        scratch = torch.empty(min(step, n), dtype=torch.float64, device=flat.device)
-        for a in range(0, n, step):
-            b = min(a + step, n)
-            buf = scratch[: b - a]
-            buf.copy_(flat[a:b]).mul_(factor).round_()
-            dst[a:b].add_(buf.to(torch.int64))
-    return out
+    """acc += encode(grad, coef, exps) for one task (``encode_sum``); a new accumulator when acc is None."""
+    return encode_sum([grad], [coef], exps, acc, add=acc is not None)
+
+
+def _decode_span(q: Tensor, scale: float, dst: Tensor) -> None:
+    """dst = q · scale (q int64, scale a power of two), through float64 chunk by chunk: one rounding, to dst's dtype."""
+    n = q.numel()
+    spans = _spans(n, q.device)
+    scratch = torch.empty(min(spans.step, n) if n else 0, dtype=torch.float64, device=q.device)
+    for a in spans:
+        b = min(a + spans.step, n)
+        dst[a:b].copy_(scratch[: b - a].copy_(q[a:b]).mul_(scale))
 
 
 def decode(total: Mapping[str, Tensor], exps: Mapping[str, int], dtypes: Mapping[str, torch.dtype]) -> Params:
     """g = Q 2^-e per tensor, rounded once to ``dtypes[k]`` (the task gradients' dtype)."""
-    return {k: q.to(torch.float64).mul_(math.ldexp(1.0, -int(exps[k]))).to(dtypes[k]) for k, q in total.items()}
+    out = {}
+    for k, q in total.items():
+        out[k] = torch.empty(q.shape, dtype=dtypes[k], device=q.device)
+        _decode_span(q.reshape(-1), math.ldexp(1.0, -int(exps[k])), out[k].view(-1))
+    return out
 
 
 def decode_flat(total: Tensor, start: int, sizes: Mapping[str, int], exps: Mapping[str, int],
                 dtype: torch.dtype) -> Tensor:
     """``decode`` for coordinates start..start+len(total) of the flattened gradient (tensors of ``sizes``, in
     order): each coordinate scaled by its own tensor's 2^-e, the same single rounding as ``decode``."""
-    out = total.to(torch.float64)
+    out = torch.empty(total.numel(), dtype=dtype, device=total.device)
     offset = 0
     for k, n in sizes.items():
-        a, b = max(offset, start), min(offset + n, start + out.numel())
+        a, b = max(offset, start), min(offset + n, start + total.numel())
         if a < b:
-            out[a - start : b - start].mul_(math.ldexp(1.0, -int(exps[k])))
+            _decode_span(total[a - start : b - start], math.ldexp(1.0, -int(exps[k])), out[a - start : b - start])
         offset += n
-    return out.to(dtype)
+    return out
 
 
 def exact_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float]) -> Params:
     """Σ_i coefs[i] · grads[i], exactly as the actors' distributed reduction computes it (one process)."""
     exps = exponents(max_abs_many(grads), coefs)
-    acc = None
-    for g, c in zip(grads, coefs):
-        acc = encode_into(acc, g, c, exps)
-    return decode(acc, exps, {k: v.dtype for k, v in grads[0].items()})
+    return decode(encode_sum(grads, coefs, exps), exps, {k: v.dtype for k, v in grads[0].items()})
 
 
 def coefficients(rule: str, n: int, weights: Sequence[float] | None) -> list[float]:

@@ -243,13 +243,14 @@ class InnerLearner:
                 return torch.empty(0, d, dtype=self.dtype, device=self.device)
             return torch.stack([torch.cat([self._kept[key][k].reshape(-1) for k in self._x]) for key in keys])
         # encoded straight into one flat int64 buffer: its blocks are views, no copies
-        flat = torch.zeros(d, dtype=torch.int64, device=self.device)
+        if not keys:
+            return torch.zeros(d, dtype=torch.int64, device=self.device)
+        flat = torch.empty(d, dtype=torch.int64, device=self.device)
         views, offset = {}, 0
         for k, v in self._x.items():
             views[k] = flat[offset : offset + v.numel()].view(v.shape)
             offset += v.numel()
-        for key, c in zip(keys, coefs):
-            reduce.encode_into(views, self._kept[key], c, exps)
+        reduce.encode_sum([self._kept[key] for key in keys], coefs, exps, views)
         return flat
 
     def slice_kept(self, keys: list, ranks: int, coefs: list[float] | None = None,

@@ -9,8 +9,8 @@ import torch
 
 from metaray.cluster.aggregate import aggregate
 from metaray.cluster import reduce
-from metaray.cluster.reduce import (blocks, coefficients, decode, decode_flat, encode, encode_into, exact_sum, exponents,
-                                   max_abs, unflatten)
+from metaray.cluster.reduce import (blocks, coefficients, decode, decode_flat, encode, encode_into, encode_sum, exact_sum,
+                                   exponents, max_abs, unflatten)
 
 
 def grads(n: int, d: int = 2000, seed: int = 0, dtype=torch.float32, scale: float = 1.0) -> list[dict]:
@@ -68,8 +68,9 @@ def test_any_split_and_order_gives_the_same_bits(rule):
 
 
 def test_chunked_encode_gives_the_bits_of_the_plain_one(monkeypatch):
-    """encode_into (chunks through a small scratch buffer) = the plain sum of encode(...) terms to the bit, for chunk
-    sizes that do and do not divide the tensor, a non-contiguous tensor and float64."""
+    """encode_into and encode_sum (chunks through a small scratch buffer, all tasks per chunk) = the plain sum of
+    encode(...) terms to the bit, and the chunked decode = the plain one, for chunk sizes that do and do not
+    divide the tensor, a non-contiguous tensor and float64."""
     gs = grads(3, d=1000)
     gs[1]["w"] = torch.randn(2000, dtype=torch.float32)[::2]  # non-contiguous
     coefs = coefficients("mean", 3, None)
@@ -84,6 +85,16 @@ def test_chunked_encode_gives_the_bits_of_the_plain_one(monkeypatch):
             acc = encode_into(acc, g, c, exps)
         for k in plain:
             assert acc[k].dtype == torch.int64 and torch.equal(acc[k], plain[k]), (chunk, k)
+        together = encode_sum(gs, coefs, exps)  # every task per chunk, the first one written, not added
+        assert all(torch.equal(together[k], plain[k]) for k in plain), chunk
+        onto = encode_sum(gs[1:], coefs[1:], exps, encode(gs[0], coefs[0], exps), add=True)
+        assert all(torch.equal(onto[k], plain[k]) for k in plain), chunk
+        decoded = decode(plain, exps, {k: torch.float32 for k in plain})
+        for k in plain:  # the one rounding, int64 -> float64 -> float32, as a whole-tensor conversion does it
+            whole = plain[k].to(torch.float64).mul_(2.0 ** -exps[k]).to(torch.float32)
+            assert torch.equal(decoded[k], whole), (chunk, k)
+    with pytest.raises(ValueError, match="one coefficient per gradient"):
+        encode_sum(gs, coefs[:2], exps)
     g64 = {k: v.double() for k, v in gs[0].items()}
     e64 = exponents([max_abs(g64)], [1.0])
     assert all(torch.equal(encode_into(None, g64, 1.0, e64)[k], encode(g64, 1.0, e64)[k]) for k in g64)
