@@ -18,15 +18,8 @@ os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
 from .aggregate import aggregate  # noqa: E402
 from .config import AGGREGATIONS, STRATEGIES, ClusterConfig, WorkerSpec  # noqa: E402
 from .host_memory import keep_host_memory  # noqa: E402
-from .pool import (  # noqa: E402
-    InProcessPool,
-    NonFiniteStepError,
-    PlacementTimeoutError,
-    PoolError,
-    StepResult,
-    WorkerPool,
-    init_ray,
-)
+from .pool import InProcessPool, NonFiniteStepError, PlacementTimeoutError, PoolError, StepResult  # noqa: E402
+from .ray_pool import WorkerPool, init_ray  # noqa: E402
 from .worker import InnerLearner, owner, task_id  # noqa: E402
 
 DASHBOARD = os.path.join(os.path.dirname(__file__), "grafana_dashboard.json")

@@ -45,7 +45,7 @@ from .errors import PoolError
 from .reduce import blocks, coefficients, exponents, unflatten
 
 if TYPE_CHECKING:
-    from .pool import WorkerPool
+    from .ray_pool import WorkerPool
 
 
 # The actors' concurrency group for the reduction's calls: its own thread, so a reduction never waits behind a

@@ -41,7 +41,7 @@ from .loader import PREFETCH
 from .worker import owner, task_id
 
 if TYPE_CHECKING:
-    from .pool import WorkerPool
+    from .ray_pool import WorkerPool
 
 IN_FLIGHT = 2  # dynamic scheduling: tasks per actor at once (one computing, one queued behind it)
 

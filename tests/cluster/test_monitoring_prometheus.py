@@ -42,7 +42,7 @@ import yaml
 import metaray
 from metaray.cluster import DASHBOARD, WorkerPool
 from metaray.cluster.metrics import SERIES
-from metaray.cluster.pool import _start_local_ray
+from metaray.cluster.ray_pool import _start_local_ray
 
 from cluster_helpers import CrashOnceSource
 

@@ -89,6 +89,8 @@ def test_chunked_encode_gives_the_bits_of_the_plain_one(monkeypatch):
         assert all(torch.equal(together[k], plain[k]) for k in plain), chunk
         onto = encode_sum(gs[1:], coefs[1:], exps, encode(gs[0], coefs[0], exps), add=True)
         assert all(torch.equal(onto[k], plain[k]) for k in plain), chunk
+        partly = encode_sum(gs, coefs, exps, {}, add=True)  # a tensor missing from out starts from zero
+        assert all(torch.equal(partly[k], plain[k]) for k in plain), chunk
         decoded = decode(plain, exps, {k: torch.float32 for k in plain})
         for k in plain:  # the one rounding, int64 -> float64 -> float32, as a whole-tensor conversion does it
             whole = plain[k].to(torch.float64).mul_(2.0 ** -exps[k]).to(torch.float32)
