@@ -89,9 +89,9 @@ def encode(grad: Mapping[str, Tensor], coef: float, exps: Mapping[str, int]) -> 
 _CHUNK = 1 << 17  # elements per pass on a CPU: 1 MiB of float64 scratch, resident in cache
 
 
-def _spans(n: int, device: torch.device) -> range:
-    """Chunk starts over n elements: _CHUNK at a time on a CPU, all at once on a GPU (one kernel per op)."""
-    return range(0, n, n if device.type != "cpu" else _CHUNK) if n else range(0)
+def _chunk(n: int, device: torch.device) -> int:
+    """Elements per pass over n: _CHUNK on a CPU, all n at once on a GPU (one kernel per op); at least 1."""
+    return _CHUNK if device.type == "cpu" else max(n, 1)
 
 
 def encode_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float], exps: Mapping[str, int],
@@ -115,11 +115,11 @@ def encode_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float], ex
         if fresh:
             out[k] = torch.empty(like.shape, dtype=torch.int64, device=like.device)
         dst, n = out[k].view(-1), flats[0].numel()
-        spans = _spans(n, like.device)
-        scratch = torch.empty(min(spans.step, n) if n else 0, dtype=torch.float64, device=like.device)
+        step = _chunk(n, like.device)
+        scratch = torch.empty(min(step, n), dtype=torch.float64, device=like.device)
         as_int = torch.empty_like(scratch, dtype=torch.int64)
-        for a in spans:
-            b = min(a + spans.step, n)
+        for a in range(0, n, step):
+            b = min(a + step, n)
             buf, ints, acc = scratch[: b - a], as_int[: b - a], dst[a:b]
             for i, (flat, factor) in enumerate(zip(flats, factors)):
                 buf.copy_(flat[a:b]).mul_(factor).round_()  # encode's round(fl(c·g)·2^e), in float64
@@ -139,10 +139,10 @@ def encode_into(acc: dict[str, Tensor] | None, grad: Mapping[str, Tensor], coef:
 def _decode_span(q: Tensor, scale: float, dst: Tensor) -> None:
     """dst = q · scale (q int64, scale a power of two), through float64 chunk by chunk: one rounding, to dst's dtype."""
     n = q.numel()
-    spans = _spans(n, q.device)
-    scratch = torch.empty(min(spans.step, n) if n else 0, dtype=torch.float64, device=q.device)
-    for a in spans:
-        b = min(a + spans.step, n)
+    step = _chunk(n, q.device)
+    scratch = torch.empty(min(step, n), dtype=torch.float64, device=q.device)
+    for a in range(0, n, step):
+        b = min(a + step, n)
         dst[a:b].copy_(scratch[: b - a].copy_(q[a:b]).mul_(scale))
 
 
