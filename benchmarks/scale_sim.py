@@ -11,9 +11,12 @@ one support and one query point, B = 16 tasks a step for every W (so each actor 
 
 Reported per (W, path): median step seconds, the reduction's seconds (``pool_reduce_seconds``: from the last
 task's answer to the aggregated gradient), gradient bytes into the driver per step, and whether the outer
-gradient is bit-identical to W = 1's. Also the per-byte constants behind docs/scaling.md's cost model,
-measured here in-process: int64 fixed-point encode + add (the actors' work per task gradient), the driver's
-float sum, and one object-store copy of a 40 MB gradient between two nodes.
+gradient is bit-identical to W = 1's. Per W, x's way to the actors at the start of every step
+(``WorkerPool.broadcast``: the driver puts x once, every actor fetches it from its node's object store, which
+pulls it from another node's if it has none yet, and copies it privately). Also the per-byte constants behind
+docs/scaling.md's cost model, measured here: int64 fixed-point encode + add (the actors' work per task
+gradient), the driver's float sum, the driver's put of x, and one object-store copy of a 40 MB gradient
+between two nodes.
 
     .venv/bin/python benchmarks/scale_sim.py [--quick] [--json OUT.json]
 """
@@ -96,6 +99,26 @@ def object_store_copy(ray, cluster, nbytes: int) -> float:
     return statistics.median(ts)
 
 
+def driver_put(ray, x: dict) -> float:
+    """Seconds for the driver to put x into its node's object store as the pool does (NumPy arrays; best of 3)."""
+    payload = {k: v.detach().contiguous().numpy() for k, v in x.items()}
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ref = ray.put(payload)
+        ts.append(time.perf_counter() - t0)
+        del ref
+    return min(ts)
+
+
+def x_to_actors(pool: WorkerPool, x: dict, n: int = 3) -> float:
+    """Median seconds of x's way to every actor (put, fetch, private copy), each time a new x as in a step."""
+    ts = []
+    for i in range(n):
+        ts.append(pool.broadcast({k: v + (i + 1) * 1e-3 for k, v in x.items()}))
+    return statistics.median(ts)
+
+
 def build(quick: bool, img_dir: Path, workers: tuple[int, ...] | None = None) -> dict:
     import ray
     from ray.cluster_utils import Cluster
@@ -112,10 +135,11 @@ def build(quick: bool, img_dir: Path, workers: tuple[int, ...] | None = None) ->
         cluster.add_node(num_cpus=CPUS_PER_NODE, object_store_memory=2 * 2**30)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    rows, data, ref = [], {}, None
+    rows, xrows, data, ref = [], [], {}, None
     try:
         consts["object_store_copy_s_per_byte"] = object_store_copy(ray, cluster, int(consts["bytes_per_task_gradient"])) \
             / consts["bytes_per_task_gradient"]
+        consts["driver_put_s_per_byte"] = driver_put(ray, x) / consts["bytes_per_task_gradient"]
         for n in workers:
             for red, collective in PATHS:
                 cfg = ClusterConfig(num_workers=n, num_cpus_per_worker=1, strategy="SPREAD", metrics=False,
@@ -143,6 +167,10 @@ def build(quick: bool, img_dir: Path, workers: tuple[int, ...] | None = None) ->
                     data[f"{n}-{red}"] = row
                     rows.append([n, nodes, red, row["step_s"] * 1e3, row["reduce_s"] * 1e3,
                                  row["busiest_actor_compute_s"] * 1e3, mib, "yes" if same else "NO"])
+                    if (red, collective) == ("driver", "object_store"):  # the same for every path: once per W
+                        xs = x_to_actors(pool, x)
+                        data[f"{n}-x"] = {"workers": n, "nodes": nodes, "x_to_actors_s": xs}
+                        xrows.append([n, nodes, xs * 1e3])
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -156,6 +184,8 @@ def build(quick: bool, img_dir: Path, workers: tuple[int, ...] | None = None) ->
                   "reduction's time, not the speed-up. The constants feed docs/scaling.md."),
         "tables": [table("per step", ["actors W", "nodes used", "path", "step ms", "reduction ms",
                                       "busiest actor's compute ms", "MiB to the driver", "bit-identical to W=1"], rows),
+                   table("x to the actors at the start of a step (the driver's put, every actor's fetch and copy)",
+                         ["actors W", "nodes used", "ms"], xrows),
                    table("measured constants (one core)", ["constant", "value"], crow)],
         "plots": [],
         "notes": [],

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..solvers.core import Params
+from ..solvers.core import Params, check_params
 from .collective import reduce_on_actors
 from .config import ClusterConfig, WorkerSpec, collective_backend
 from .dispatch import StepDispatch
@@ -359,12 +359,18 @@ class WorkerPool(_PoolBase):
         return list(self.pids)
 
     def broadcast(self, x: Params) -> float:
-        """Puts x once and has every actor fetch and convert it; returns the seconds taken (a benchmark probe)."""
+        """x's way to the actors at the start of a step, alone: put once, then every actor's fetch and private copy.
+        Returns the seconds taken (a benchmark probe: benchmarks/scale_sim.py, cluster_scaling.py)."""
         ray = self._ray
+        x = check_params(x, "outer params x")
         t0 = time.perf_counter()
         box = (self._x_ref(x),)
-        ray.get([a.receive.remote(box) for a in self._actors])
-        return time.perf_counter() - t0
+        counts = ray.get([a.receive.remote(box) for a in self._actors])
+        seconds = time.perf_counter() - t0
+        d = sum(v.numel() for v in x.values())
+        if any(n != d for n in counts):
+            raise PoolError(f"broadcast: the actors received {counts} elements of x, not {d} each")
+        return seconds
 
     def shutdown(self) -> None:
         """Kills the actors, removes the placement group, and disconnects Ray if this pool connected it."""
