@@ -115,3 +115,35 @@ def test_meta_test_mean_and_ci_over_tasks():
     assert res.num_tasks == 30
     assert res.mean == pytest.approx(mean, rel=1e-9)
     assert res.ci95 == pytest.approx(1.96 * sd / math.sqrt(30), rel=1e-9)
+
+
+@pytest.mark.parametrize("outer", [
+    OuterConfig(optimizer="adam", lr=1e-3),
+    OuterConfig(optimizer="adamw", lr=1e-3, weight_decay=0.1),
+    OuterConfig(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+], ids=["adam", "adamw", "sgd-nesterov"])
+def test_every_outer_optimizer_updates_blocks_to_the_bits_of_the_whole(outer):
+    """What a sharded outer update on the actors (issue #17, not built) would rest on: every outer optimizer
+    metaray offers is elementwise, so W optimizers, each over its block x[a:b] of the flat outer vector (the
+    reduce-scatter's blocks, ``reduce.blocks``), give the bits of one optimizer over the whole, for any W."""
+    from metaray.cluster.reduce import blocks
+    from metaray.platform.learner import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    d = 100_003
+    x0 = torch.randn(d, generator=g)
+    grads = [torch.randn(d, generator=g) * 10.0 ** (i - 1) for i in range(3)]
+
+    def run(cuts):
+        parts = [x0[a:b].clone().requires_grad_(True) for a, b in cuts]
+        opts = [make_optimizer(outer, [p]) for p in parts]  # one optimizer (and its state) per block
+        for grad in grads:
+            for p, opt, (a, b) in zip(parts, opts, cuts):
+                p.grad = grad[a:b].clone()
+                opt.step()
+        return torch.cat([p.detach() for p in parts])
+
+    whole = run([(0, d)])
+    assert not torch.equal(whole, x0)
+    for w in (2, 3, 7):
+        assert torch.equal(run(blocks(d, w)), whole), w
