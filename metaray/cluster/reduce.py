@@ -175,6 +175,71 @@ def exact_sum(grads: Sequence[Mapping[str, Tensor]], coefs: Sequence[float]) -> 
     return decode(encode_sum(grads, coefs, exps), exps, {k: v.dtype for k, v in grads[0].items()})
 
 
+# ---- an order-free sum of squares: the clip norm that a sharded outer update can share -------------------------
+#
+# ‖g‖² summed in floating point depends on the order of its terms: Tensor.sum's bits change with the torch thread
+# count (3M float64 squares: the last digit differs between 1 and 2 threads), and a sum of per-block sums with
+# the blocks. As for the gradient, each term is rounded once on a grid shared by all of them and the integers
+# are added; a second grid, 2^lo times finer, holds what the first rounded off, so the sum keeps ~120 bits:
+#
+#     s_j = t_j² · 2^e                         (float64: the square is exact for float32 t; the scaling is exact)
+#     h_j = round(s_j),  l_j = round((s_j − h_j) · 2^lo)      (s_j − h_j is exact in float64)
+#     Σ t_j² ≈ (2^lo Σ h_j + Σ l_j) · 2^-(e + lo)             (Python ints: exact, in any order or split)
+#
+# e is set by the largest square and the count n (n · max s_j <= 2^61), lo by n (n · 2^lo / 2 <= 2^61), so no
+# int64 partial overflows. |error| <= n / 2 · 2^-(e + lo) <= n³ · 2^-121 · Σ t_j², then one final rounding.
+
+
+def square_sum_exponent(maxabs: float, n: int) -> int:
+    """The grid exponent e of ``square_sum_fixed`` for n values with max |t_j| = ``maxabs``."""
+    if not (math.isfinite(maxabs) and maxabs >= 0.0) or n < 0:
+        raise ValueError(f"square_sum_exponent needs a finite max |t| >= 0 and a count >= 0, got {maxabs} and {n}")
+    msq = maxabs * maxabs  # the same IEEE product as the largest square computed below: rounding is monotone
+    if msq == 0.0 or n == 0:
+        return 0  # every square is 0 (or underflows to 0 in float64): any grid holds them exactly
+    return min(_MAX_EXP, _BITS - 1 - math.frexp(msq)[1] - math.ceil(math.log2(n)))
+
+
+def _lo_bits(n: int) -> int:
+    return _BITS - math.ceil(math.log2(max(n, 1)))
+
+
+def square_sum_fixed(tensors: Sequence[Tensor], e: int, n: int) -> int:
+    """(2^lo Σ h_j + Σ l_j) over every element of ``tensors``, an exact Python int, for the grid exponent e of
+    all n values (``square_sum_exponent``). The ints of the parts of any split add up to the int of the whole."""
+    lo, scale = _lo_bits(n), math.ldexp(1.0, int(e))
+    hi_total = lo_total = 0
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = _chunk(flat.numel(), flat.device)
+        for a in range(0, flat.numel(), step):
+            s = flat[a : a + step].to(torch.float64, copy=True).square_().mul_(scale)
+            h = s.round()
+            hi_total += int(h.to(torch.int64).sum())
+            lo_total += int(s.sub_(h).mul_(math.ldexp(1.0, lo)).round_().to(torch.int64).sum())
+    return (hi_total << lo) + lo_total
+
+
+def square_sum_value(total: int, e: int, n: int) -> float:
+    """Σ t_j² from the int of ``square_sum_fixed`` (one rounding: Python's int -> float is correctly rounded)."""
+    return math.ldexp(float(total), -(int(e) + _lo_bits(n)))
+
+
+def square_sum(tensors: Sequence[Tensor]) -> float:
+    """Σ t_j² over every element of ``tensors``, the same bits whatever the order, the torch thread count or a
+    split into blocks (each part's ``square_sum_fixed`` on a shared e, the ints added). nan if any element is
+    nan, inf if any is infinite."""
+    tensors = [t for t in tensors if t.numel()]
+    n = sum(t.numel() for t in tensors)
+    if n == 0:
+        return 0.0
+    m = max(max_abs_many([{str(i): t for i, t in enumerate(tensors)}])[0].values())
+    if not math.isfinite(m):
+        return m  # nan (max_abs propagates it) or inf
+    e = square_sum_exponent(m, n)
+    return square_sum_value(square_sum_fixed(tensors, e, n), e, n)
+
+
 def coefficients(rule: str, n: int, weights: Sequence[float] | None) -> list[float]:
     """c_i of the linear rules: mean 1/n, weighted w_i / Σ w."""
     if rule == "mean":

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from ..cluster.reduce import square_sum
 from ..solvers.core import NonFiniteError, Params, check_params
 from .config import OuterConfig, TasksConfig
 
@@ -162,7 +163,8 @@ class MetaLearner:
                 f"outer step {t}: the aggregated hypergradient is not finite in {bad}; the update was not applied",
                 where="hypergradient",
             )
-        grad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values())))
+        # order-free (cluster/reduce.py): the same bits for any torch thread count, and for a sum over blocks
+        grad_norm = math.sqrt(square_sum(list(grad.values())))
         scale = 1.0
         if self.outer.clip_norm is not None and grad_norm > self.outer.clip_norm:
             scale = self.outer.clip_norm / (grad_norm + 1e-12)
@@ -179,7 +181,7 @@ class MetaLearner:
                 for k, p in self.params.items():
                     p.copy_(before[k])
             raise NonFiniteError(f"outer step {t}: the optimizer produced non-finite params in {bad}; reverted", where="update")
-        update_norm = float(torch.sqrt(sum(((p.detach() - before[k]).double() ** 2).sum() for k, p in self.params.items())))
+        update_norm = math.sqrt(square_sum([p.detach() - before[k] for k, p in self.params.items()]))
         self.step_count += 1
         row: dict[str, Any] = {
             "step": t + 1,

@@ -180,3 +180,61 @@ def test_bad_inputs_are_refused():
         exponents([{"w": 1.0}], [1.0, 2.0])
     with pytest.raises(ValueError, match="linear rules"):
         coefficients("median", 3, None)
+
+
+# ---- the order-free sum of squares (the outer update's clip norm) ------------------------------------------------
+
+
+def _fsum_squares(tensors) -> float:
+    """The correctly rounded Σ t² (math.fsum of float64 squares, exact for float32 t): the reference."""
+    import math
+    return math.fsum(v for t in tensors for v in t.detach().double().reshape(-1).square().tolist())
+
+
+def test_square_sum_is_the_correctly_rounded_sum_for_any_threads_and_split():
+    """Where Tensor.sum's bits change with the thread count, square_sum's do not; the ints of 7 blocks (what
+    W = 7 actors would each compute on their share, cut across the tensors) add to the value of the whole; and
+    over 6 decades of magnitudes the result is fsum's to 2^-50 (its bound here: n³ 2^-121 + 2^-53)."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(1_500_000, generator=g) * 10 ** torch.empty(1_500_000).uniform_(-3, 3, generator=g)
+    tensors = [big, torch.randn(7, 3, generator=g, dtype=torch.float32) * 1e-4, torch.zeros(0)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, plain_one = reduce.square_sum(tensors), float((big.double() ** 2).sum())
+        torch.set_num_threads(2)
+        two, plain_two = reduce.square_sum(tensors), float((big.double() ** 2).sum())
+    finally:
+        torch.set_num_threads(before)
+    assert one == two
+    ref = _fsum_squares(tensors)
+    assert abs(one - ref) <= 2.0 ** -50 * ref, (one, ref)
+    del plain_one, plain_two  # Tensor.sum may or may not differ between 1 and 2 threads on a given CPU
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    n = flat.numel()
+    e = reduce.square_sum_exponent(float(flat.abs().max()), n)
+    parts = [reduce.square_sum_fixed([flat[a:b]], e, n) for a, b in blocks(n, 7)]
+    assert reduce.square_sum_value(sum(parts), e, n) == one
+
+
+def test_square_sum_edges():
+    import math
+    f32max = torch.finfo(torch.float32).max
+    # the largest float32 squares: no int64 partial overflows, and the value is fsum's
+    top = torch.full((1000,), f32max)
+    assert reduce.square_sum([top]) == _fsum_squares([top])
+    # one large value and 10^5 whose squares (2^-44) are below the coarse grid's step (~2^-44.4 here): one grid
+    # would round each of them by up to half a step (their sum, 10^5 · 2^-44 ≈ 5.7e-9, visible next to 1.0); the
+    # finer grid keeps them
+    mixed = torch.cat([torch.tensor([1.0]), torch.full((100_000,), 2.0 ** -22)])
+    ref = _fsum_squares([mixed])
+    assert ref - 1.0 > 5e-9 and abs(reduce.square_sum([mixed]) - ref) <= 2.0 ** -52 * ref
+    assert reduce.square_sum([torch.full((10,), 1e-3)]) == _fsum_squares([torch.full((10,), 1e-3)])
+    # zeros, empty, float64 subnormal squares, non-finite
+    assert reduce.square_sum([torch.zeros(5)]) == 0.0 and reduce.square_sum([]) == 0.0
+    tiny64 = torch.tensor([1e-200, -3e-201], dtype=torch.float64)
+    assert reduce.square_sum([tiny64]) == 0.0  # the float64 squares underflow to 0, as (t ** 2).sum() does
+    assert math.isnan(reduce.square_sum([torch.tensor([1.0, float("nan")])]))
+    assert reduce.square_sum([torch.tensor([1.0, float("-inf")])]) == math.inf
+    with pytest.raises(ValueError, match="finite max"):
+        reduce.square_sum_exponent(math.inf, 3)
