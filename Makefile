@@ -13,7 +13,7 @@ demo: $(VENV)/.installed
 	$(PY) -m metaray.platform.cli demo
 
 # `make test` is what CI runs: every test, the slow ones included (after the install: ~15 min on a quiet 2-core machine, 873 s
-# measured; CI's loaded machine took 1548-1621 s). It prints the 25 slowest.
+# measured; a loaded one took 1548-1849 s). It prints the 25 slowest.
 # `make test-fast` is the default pytest selection (`-m 'not slow'`, ~3 min) for the edit-test loop.
 # GPU tests are marked `gpu` and skip cleanly where torch sees no CUDA device.
 # The monitoring tests need a real Prometheus: tools/install_monitoring.sh installs it (once; not for `make demo`).
