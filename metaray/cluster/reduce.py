@@ -195,6 +195,8 @@ def square_sum_exponent(maxabs: float, n: int) -> int:
     if not (math.isfinite(maxabs) and maxabs >= 0.0) or n < 0:
         raise ValueError(f"square_sum_exponent needs a finite max |t| >= 0 and a count >= 0, got {maxabs} and {n}")
     msq = maxabs * maxabs  # the same IEEE product as the largest square computed below: rounding is monotone
+    if msq == math.inf:
+        raise ValueError(f"the squares of values up to {maxabs} overflow float64; their sum is inf")
     if msq == 0.0 or n == 0:
         return 0  # every square is 0 (or underflows to 0 in float64): any grid holds them exactly
     return min(_MAX_EXP, _BITS - 1 - math.frexp(msq)[1] - math.ceil(math.log2(n)))
@@ -234,8 +236,8 @@ def square_sum(tensors: Sequence[Tensor]) -> float:
     if n == 0:
         return 0.0
     m = max(max_abs_many([{str(i): t for i, t in enumerate(tensors)}])[0].values())
-    if not math.isfinite(m):
-        return m  # nan (max_abs propagates it) or inf
+    if not math.isfinite(m * m):
+        return m * m  # nan (max_abs propagates it), or inf: an infinite value or a square beyond float64
     e = square_sum_exponent(m, n)
     return square_sum_value(square_sum_fixed(tensors, e, n), e, n)
 

@@ -236,5 +236,9 @@ def test_square_sum_edges():
     assert reduce.square_sum([tiny64]) == 0.0  # the float64 squares underflow to 0, as (t ** 2).sum() does
     assert math.isnan(reduce.square_sum([torch.tensor([1.0, float("nan")])]))
     assert reduce.square_sum([torch.tensor([1.0, float("-inf")])]) == math.inf
+    huge64 = torch.tensor([1e200, 1.0], dtype=torch.float64)  # finite, but its square is not
+    assert reduce.square_sum([huge64]) == math.inf
     with pytest.raises(ValueError, match="finite max"):
         reduce.square_sum_exponent(math.inf, 3)
+    with pytest.raises(ValueError, match="overflow float64"):
+        reduce.square_sum_exponent(1e200, 2)
