@@ -214,11 +214,16 @@ def square_sum_fixed(tensors: Sequence[Tensor], e: int, n: int) -> int:
     for t in tensors:
         flat = t.detach().reshape(-1)
         step = _chunk(flat.numel(), flat.device)
+        # as in encode_sum: three chunk-sized scratch buffers reused for every chunk, no temporary per chunk
+        scratch = torch.empty(min(step, flat.numel()), dtype=torch.float64, device=flat.device)
+        rounded, as_int = torch.empty_like(scratch), torch.empty_like(scratch, dtype=torch.int64)
         for a in range(0, flat.numel(), step):
-            s = flat[a : a + step].to(torch.float64, copy=True).square_().mul_(scale)
-            h = s.round()
-            hi_total += int(h.to(torch.int64).sum())
-            lo_total += int(s.sub_(h).mul_(math.ldexp(1.0, lo)).round_().to(torch.int64).sum())
+            b = min(a + step, flat.numel())
+            s, h, q = scratch[: b - a], rounded[: b - a], as_int[: b - a]
+            s.copy_(flat[a:b]).square_().mul_(scale)
+            torch.round(s, out=h)
+            hi_total += int(q.copy_(h).sum())
+            lo_total += int(q.copy_(s.sub_(h).mul_(math.ldexp(1.0, lo)).round_()).sum())
     return (hi_total << lo) + lo_total
 
 

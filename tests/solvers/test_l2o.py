@@ -308,16 +308,16 @@ def test_meta_train_returns_the_weights_that_validated_best():
     src = RandomQuadratics(dim=3, batch=2, seed=0)
     solver = S.make("l2o", arch="lstm", inner_steps=2, horizon=4)
     w0 = init_weights(solver.options.net(), hidden=4, seed=0)
-    after: dict[int, dict] = {}
+    steps: list[int] = []  # every step run so far, from on_step
     scores = iter([3.0, float("nan"), 1.0, 1.0, 2.0])  # steps 2, 4, 6, 8, 10: step 6 is the earliest best
-    seen: list[int] = []
+    seen: list[int] = []  # the step each validation followed
 
     def validate(cand):
-        seen.append(len(after))
+        seen.append(steps[-1])
         return next(scores)
 
     w, trajectories = meta_train(solver, src, w0, 10, lr=0.05, validate=validate, validate_every=2,
-                                 on_step=lambda step, hg: after.__setitem__(step, None))
+                                 on_step=lambda step, hg: steps.append(step))
     assert seen == [2, 4, 6, 8, 10] and trajectories == 5
     last, _ = meta_train(solver, src, w0, 10, lr=0.05)
     at6, _ = meta_train(solver, src, w0, 6, lr=0.05)
